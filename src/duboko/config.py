@@ -1,0 +1,335 @@
+"""Recipes and `--set` overrides, resolved into typed dataclasses.
+
+A recipe is a TOML file (``src/duboko/recipes/NAME.toml``) with a one-line ``description``, the
+``task`` that trains it, and three sections: ``[model]`` (``name`` plus the model config's fields),
+``[data]`` (the task's data config) and ``[train]`` (the engine's `TrainConfig`). Every field is
+typed; ``--set key=value`` overrides any of them, either dotted (``train.epochs=1``) or by its bare
+name when only one section has it (``epochs=1``). Unknown keys and wrong types are refused with
+the list of valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from duboko.errors import DubokoError, unknown_name
+
+SECTIONS = ("model", "data", "train")
+
+
+@dataclass
+class TrainConfig:
+    """What the engine needs to train any family. One line per field says what it does."""
+
+    epochs: int = 1  # passes over the training data
+    max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs)
+    batch_size: int = 64  # global batch size (split across ranks under torchrun)
+    optimizer: str = "adam"  # sgd | adam | adamw | rmsprop
+    lr: float = 1e-3  # peak learning rate
+    weight_decay: float = 0.0  # L2 (sgd/adam/rmsprop) or decoupled (adamw) weight decay
+    momentum: float = 0.9  # sgd and rmsprop momentum
+    nesterov: bool = False  # Nesterov momentum for sgd
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam(W) betas
+    schedule: str = "constant"  # constant | cosine (with warmup) | onecycle
+    warmup_steps: int = 0  # linear warm-up steps for the cosine schedule
+    min_lr_ratio: float = 0.0  # cosine schedule floor, as a fraction of lr
+    grad_clip: float = 0.0  # clip the global gradient norm to this (0: off)
+    loss: str = "auto"  # auto (the task's natural loss) | cross_entropy | bce | mse
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    ema_decay: float = 0.0  # exponential moving average of weights (0: off), e.g. 0.999
+    seed: int = 0  # seeds every RNG; the same seed gives the same run on CPU
+    device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps
+    precision: str = "fp32"  # fp32 | bf16 (autocast, fp32 master weights) | fp16 (cuda only)
+    channels_last: bool = False  # channels-last memory format for conv nets
+    compile: bool = False  # torch.compile the model (measure first: it slowed MY_NET on CPU)
+    num_threads: int = 0  # CPU threads for torch (0: torch's default)
+    log_grad_norms: bool = False  # per-layer gradient norms in history.csv (always in TensorBoard)
+    log_every: int = 50  # TensorBoard scalars every N steps
+    checkpoint_every: int = 0  # also save training state every N steps (0: at epoch ends only)
+    nonfinite: str = "stop"  # stop | skip: what to do on a NaN/inf loss
+    eval_every: int = 1  # validation pass every N epochs
+
+
+@dataclass
+class RunConfig:
+    """A fully resolved recipe: this is what `config.json` in a run folder holds."""
+
+    recipe: str
+    description: str
+    task: str
+    model: dict[str, Any]  # {"name": ..., fields of that model's config}
+    data: Any  # the task's data-config dataclass
+    train: TrainConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "recipe": self.recipe,
+            "description": self.description,
+            "task": self.task,
+            "model": dict(self.model),
+            "data": dataclasses.asdict(self.data),
+            "train": dataclasses.asdict(self.train),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed coercion of values from TOML / --set / JSON.
+
+
+def parse_value(text: str) -> Any:
+    """`--set` value text to a Python value: JSON/TOML literals, else the bare string."""
+    text = text.strip()
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def coerce(value: Any, typ: Any, key: str) -> Any:
+    """Check (and gently convert) `value` against a dataclass field type."""
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if typ is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, key)
+            except DubokoError as exc:
+                errors.append(str(exc))
+        raise DubokoError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            inner = args[0] if args else Any
+            return [coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        raise DubokoError(f"{key} expects a list like [1, 2], got {value!r}")
+    if origin is dict or typ is dict:
+        if isinstance(value, dict):
+            return value
+        raise DubokoError(f"{key} expects a table, got {value!r}")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise DubokoError(f"{key} expects true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise DubokoError(f"{key} expects an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise DubokoError(f"{key} expects a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise DubokoError(f"{key} expects text, got {value!r}")
+    return value
+
+
+def build_dataclass(cls: type, values: dict[str, Any], section: str) -> Any:
+    """Build a config dataclass from a dict, refusing unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            raise DubokoError(
+                f"unknown key {section}.{key}; valid keys in [{section}]: {', '.join(sorted(known))}"
+            )
+    typed = {k: coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()}
+    try:
+        return cls(**typed)
+    except (TypeError, ValueError) as exc:
+        raise DubokoError(f"bad [{section}] config: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes.
+
+
+def recipe_names() -> list[str]:
+    folder = resources.files("duboko") / "recipes"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load_recipe_file(name_or_path: str) -> tuple[str, dict[str, Any]]:
+    """Raw recipe dict from a bundled recipe name or a path to a TOML file."""
+    path = Path(name_or_path)
+    if name_or_path.endswith(".toml") or path.exists():
+        if not path.is_file():
+            raise DubokoError(f"recipe file {name_or_path!r} does not exist")
+        text = path.read_text(encoding="utf-8")
+        name = path.stem
+    else:
+        if name_or_path not in recipe_names():
+            raise unknown_name("recipe", name_or_path, recipe_names())
+        text = (resources.files("duboko") / "recipes" / f"{name_or_path}.toml").read_text("utf-8")
+        name = name_or_path
+    try:
+        return name, tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise DubokoError(f"recipe {name_or_path!r} is not valid TOML: {exc}") from exc
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    pairs = []
+    for item in items:
+        if "=" not in item:
+            raise DubokoError(f"--set expects key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise DubokoError(f"--set expects key=value, got {item!r}")
+        pairs.append((key, parse_value(text)))
+    return pairs
+
+
+def _section_keys(raw: dict[str, Any], task_data_cls: type) -> dict[str, set[str]]:
+    from duboko import registry
+
+    model_name = raw.get("model", {}).get("name")
+    model_keys = {"name"}
+    if model_name:
+        model_keys |= set(registry.config_fields(registry.get_spec(model_name)))
+    return {
+        "model": model_keys,
+        "data": {f.name for f in dataclasses.fields(task_data_cls)},
+        "train": {f.name for f in dataclasses.fields(TrainConfig)},
+    }
+
+
+def apply_overrides(
+    raw: dict[str, Any], overrides: list[tuple[str, Any]], task_data_cls: type
+) -> dict[str, Any]:
+    """Apply `--set` pairs to a raw recipe dict (sections: model, data, train)."""
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for s in SECTIONS:
+        raw.setdefault(s, {})
+    for key, value in overrides:
+        keys = _section_keys(raw, task_data_cls)  # model.name may change the model's keys
+        if "." in key:
+            section, sub = key.split(".", 1)
+            if section not in SECTIONS:
+                raise DubokoError(f"unknown section in {key!r}; expected one of: {', '.join(SECTIONS)}")
+            if sub not in keys[section]:
+                raise DubokoError(
+                    f"unknown key {key!r}; valid keys in [{section}]: {', '.join(sorted(keys[section]))}"
+                )
+        else:
+            owners = [s for s in SECTIONS if key in keys[s]]
+            if not owners:
+                valid = sorted(f"{s}.{k}" for s in SECTIONS for k in keys[s])
+                raise DubokoError(f"unknown key {key!r}; valid keys: {', '.join(valid)}")
+            if len(owners) > 1:
+                raise DubokoError(
+                    f"key {key!r} is in several sections; write one of: "
+                    + ", ".join(f"{s}.{key}" for s in owners)
+                )
+            section, sub = owners[0], key
+        if section == "model" and sub == "name" and value != raw["model"].get("name"):
+            raw["model"] = {"name": value}  # another model: its own defaults, not the old fields
+        else:
+            raw[section][sub] = value
+    return raw
+
+
+def resolve(
+    name_or_path: str, overrides: list[str] | None = None
+) -> RunConfig:
+    """Load a recipe, apply `--set` overrides, and type-check everything."""
+    from duboko import registry
+    from duboko.tasks import get_task_cls
+
+    name, raw = load_recipe_file(name_or_path)
+    return resolve_dict(raw, name, parse_overrides(overrides or []))
+
+
+def resolve_dict(raw: dict[str, Any], name: str, overrides: list[tuple[str, Any]] | None = None) -> RunConfig:
+    from duboko import registry
+    from duboko.tasks import get_task_cls
+
+    extra = set(raw) - {"description", "task", *SECTIONS, "recipe"}
+    if extra:
+        raise DubokoError(
+            f"recipe {name!r} has unknown top-level keys {sorted(extra)}; expected: description, task, "
+            + ", ".join(f"[{s}]" for s in SECTIONS)
+        )
+    task_name = raw.get("task")
+    if not task_name:
+        raise DubokoError(f"recipe {name!r} names no task")
+    task_cls = get_task_cls(task_name)
+    raw = apply_overrides(raw, overrides or [], task_cls.data_config)
+    model_section = dict(raw["model"])
+    model_name = model_section.pop("name", None)
+    if not model_name:
+        raise DubokoError(f"recipe {name!r} has no model.name; known models: {', '.join(registry.model_names())}")
+    spec = registry.get_spec(model_name)
+    model_cfg = build_dataclass(spec.config_cls, {**spec.defaults, **model_section}, "model")
+    data_cfg = build_dataclass(task_cls.data_config, raw["data"], "data")
+    train_cfg = build_dataclass(TrainConfig, raw["train"], "train")
+    validate_train(train_cfg)
+    return RunConfig(
+        recipe=raw.get("recipe", name),
+        description=str(raw.get("description", "")),
+        task=task_name,
+        model={"name": model_name, **dataclasses.asdict(model_cfg)},
+        data=data_cfg,
+        train=train_cfg,
+    )
+
+
+def from_dict(d: dict[str, Any]) -> RunConfig:
+    """Rebuild a RunConfig from a run folder's `config.json`."""
+    return resolve_dict(
+        {k: d[k] for k in ("description", "task", "model", "data", "train") if k in d} | {"recipe": d.get("recipe", "run")},
+        d.get("recipe", "run"),
+    )
+
+
+CHOICES = {
+    "optimizer": ("sgd", "adam", "adamw", "rmsprop"),
+    "schedule": ("constant", "cosine", "onecycle"),
+    "loss": ("auto", "cross_entropy", "bce", "mse"),
+    "precision": ("fp32", "bf16", "fp16"),
+    "nonfinite": ("stop", "skip"),
+}
+
+
+def validate_train(cfg: TrainConfig) -> None:
+    for key, allowed in CHOICES.items():
+        value = getattr(cfg, key)
+        if value not in allowed:
+            raise unknown_name(f"train.{key}", value, allowed)
+    positive = {"batch_size": cfg.batch_size, "lr": cfg.lr, "eval_every": cfg.eval_every}
+    for key, value in positive.items():
+        if value <= 0:
+            raise DubokoError(f"train.{key} must be > 0, got {value!r}")
+    if cfg.epochs < 1 and cfg.max_steps < 1:
+        raise DubokoError(f"train.epochs must be >= 1 (or set max_steps), got {cfg.epochs!r}")
+    if len(cfg.betas) != 2:
+        raise DubokoError(f"train.betas expects two numbers, got {cfg.betas!r}")

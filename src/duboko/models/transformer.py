@@ -1,0 +1,1 @@
+"""Placeholder: this family registers its models here."""
