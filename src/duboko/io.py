@@ -1,0 +1,98 @@
+"""Atomic, safe file I/O used everywhere a file is written or a checkpoint is read.
+
+Every write goes to a temporary file in the destination folder, is flushed and fsynced, then
+renamed over the destination: a crash mid-write leaves the previous file whole. Tensors are stored
+as safetensors (no pickle, no code execution on load).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from duboko.errors import DubokoError
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise DubokoError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise DubokoError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise DubokoError(f"{path} does not exist") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DubokoError(f"{path} is not readable JSON: {exc}") from exc
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Save a flat dict of tensors as safetensors, atomically."""
+    from safetensors.torch import save
+
+    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write_bytes(path, save(flat, metadata=metadata))
+
+
+def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Load safetensors; anything else (a pickle, a truncated file) is refused with a clear error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise DubokoError(f"{path} does not exist") from exc
+    except OSError as exc:
+        raise DubokoError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if data[:2] == b"\x80\x02" or data[:1] == b"\x80" or data[:2] == b"PK":
+        raise DubokoError(
+            f"{path} looks like a pickle or a torch.save zip, which duboko never loads (it can run "
+            "code); convert it to safetensors with `duboko import-weights` first"
+        )
+    try:
+        tensors = load(data)
+    except (SafetensorError, Exception) as exc:  # safetensors raises several types for bad data
+        raise DubokoError(f"{path} is not a valid safetensors file ({exc})") from exc
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

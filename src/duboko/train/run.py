@@ -1,0 +1,138 @@
+"""The run folder: what every `duboko train` writes, and how commands load it back safely."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from duboko import config as C
+from duboko.errors import DubokoError
+from duboko.io import atomic_write_json, atomic_write_text, load_tensors, read_json, save_tensors, sha256_file
+
+CONFIG, METRICS, HISTORY, WEIGHTS, MANIFEST = "config.json", "metrics.json", "history.csv", "model.safetensors", "manifest.json"
+CHECKED = (CONFIG, METRICS, HISTORY, WEIGHTS, "state.safetensors")
+
+
+def write_history(run_dir: Path, rows: list[dict]) -> None:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write_text(run_dir / HISTORY, buffer.getvalue())
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / HISTORY
+    if not path.exists():
+        return []
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            rows.append({k: _number(v) for k, v in row.items()})
+    return rows
+
+
+def _number(text: str) -> Any:
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+
+def save_weights(run_dir: Path, model: nn.Module, cfg: C.RunConfig) -> None:
+    meta = {"model": cfg.model["name"], "model_config": json.dumps(cfg.model), "format": "duboko"}
+    save_tensors(model.state_dict(), run_dir / WEIGHTS, metadata=meta)
+
+
+def write_manifest(run_dir: Path) -> None:
+    files = {name: sha256_file(run_dir / name) for name in CHECKED if (run_dir / name).exists()}
+    atomic_write_json(run_dir / MANIFEST, {"sha256": files})
+
+
+def verify_manifest(run_dir: Path) -> None:
+    """Detect tampered or truncated files: each file the manifest lists must match its hash."""
+    path = run_dir / MANIFEST
+    if not path.exists():
+        raise DubokoError(f"{run_dir} has no {MANIFEST}; it is not a complete duboko run folder")
+    listed = read_json(path).get("sha256", {})
+    for name, digest in listed.items():
+        file = run_dir / name
+        if not file.exists():
+            raise DubokoError(f"{file} is missing (listed in {MANIFEST})")
+        if sha256_file(file) != digest:
+            raise DubokoError(f"{file} does not match its SHA-256 in {MANIFEST}: the file was changed or truncated")
+
+
+def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """cuda > mps > cpu for "auto"; an explicit device that is not there is a user error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise DubokoError(f"unknown device {name!r}; expected auto, cpu, cuda, cuda:N or mps") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DubokoError(f"device {name!r} asked for but no CUDA GPU is available; use --device cpu or auto")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise DubokoError(f"device {name!r} asked for but MPS is not available; use --device cpu or auto")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    return device
+
+
+@dataclass
+class LoadedRun:
+    config: C.RunConfig
+    task: Any  # duboko.tasks.Task, set up from the run folder
+    model: nn.Module  # weights loaded, eval mode, on `device`
+    device: torch.device
+    run_dir: Path
+
+
+def load_config(run_dir: str | Path) -> C.RunConfig:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DubokoError(f"run folder {str(run_dir)!r} does not exist")
+    return C.from_dict(read_json(run_dir / CONFIG))
+
+
+def load_run(run_dir: str | Path, device: str = "auto", setup_task: bool = True, verify: bool = True) -> LoadedRun:
+    """Load a run folder for evaluation or inference: verified, safetensors only, never pickle."""
+    from duboko import registry
+    from duboko.tasks import get_task_cls
+
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir)
+    if verify:
+        verify_manifest(run_dir)
+    dev = pick_device(device)
+    task = get_task_cls(cfg.task)(cfg, dev)
+    if setup_task:
+        task.setup(run_dir)
+    model_cfg = dict(cfg.model)
+    model = registry.build_model(model_cfg.pop("name"), model_cfg)
+    state = load_tensors(run_dir / WEIGHTS)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise DubokoError(f"{run_dir / WEIGHTS} does not fit model {cfg.model['name']!r}: {str(exc).splitlines()[0]}") from exc
+    model.to(dev).eval()
+    return LoadedRun(cfg, task, model, dev, run_dir)
