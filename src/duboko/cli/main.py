@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "duboko.cli.transformer",  # translate, attention
     "duboko.cli.diffusion",  # sample, noising
     "duboko.cli.bench",  # bench
+    "duboko.cli.trust",  # import-weights, verify
 ]
 
 

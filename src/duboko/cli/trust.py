@@ -1,0 +1,5 @@
+"""Placeholder: this family's commands are registered here."""
+
+
+def register(sub) -> None:
+    pass
