@@ -70,14 +70,17 @@ def locate(data_dir: str | os.PathLike | None = None, download: bool = False) ->
         raise DubokoError(f"data directory {str(data_dir)!r} does not exist")
     stems = [v[0] for v in FILES.values()]
     tried = []
+    if data_dir and not download:
+        # An explicit folder is the user's choice: use it or say what it lacks, never fall back.
+        missing = [s for s in stems if not _find(Path(data_dir), s)]
+        if missing:
+            raise DubokoError(f"data directory {str(data_dir)!r} lacks MNIST files: {', '.join(missing)} (.gz or raw)")
+        return Path(data_dir)
     if not download:
         for label, folder in candidate_dirs(data_dir):
             if all(_find(folder, s) for s in stems):
                 return folder
             tried.append(f"{label} {folder}")
-        if data_dir:  # an explicit folder that lacks the files is a user error, not a download cue
-            missing = [s for s in stems if not _find(Path(data_dir), s)]
-            raise DubokoError(f"data directory {str(data_dir)!r} lacks MNIST files: {', '.join(missing)}(.gz)")
     return _download(cache_dir(), tried)
 
 

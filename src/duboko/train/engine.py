@@ -99,12 +99,21 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool, is_main: bool) -> 
     if resume:
         if not (out / ckpt.STATE_FILE).exists():
             raise DubokoError(f"cannot resume: {out / ckpt.STATE_FILE} does not exist")
+        if is_main:
+            # A run killed inside an atomic write leaves its temporary file (`.NAME.XXXX.tmp`, see
+            # duboko.io); the file it was replacing is whole, so the leftover is only dead weight.
+            for tmp in out.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
         return
     if (out / CONFIG).exists() and not overwrite:
         raise DubokoError(
             f"run folder {str(out)!r} already holds a run; use --resume to continue it, "
             "--overwrite to replace it, or another --out"
         )
+
+
+def create_run_dir(out: Path, is_main: bool) -> None:
+    """Created only once the config, data and model are known good: a user mistake leaves nothing."""
     if is_main:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -142,7 +151,6 @@ def fit(
     show = (lambda text: print(text, file=stream, flush=True)) if is_main and not quiet else (lambda text: None)
     try:
         prepare_run_dir(out, resume, overwrite, is_main)
-        D.barrier(info)
 
         # Same seed on every rank for the model's initial weights (DDP also broadcasts rank 0's).
         seed_everything(tcfg.seed)
@@ -190,6 +198,7 @@ def fit(
             # Dropout and other training-time randomness differ per rank.
             seed_everything(tcfg.seed + info.rank)
 
+        create_run_dir(out, is_main)
         if is_main:
             atomic_write_json(out / CONFIG, cfg.to_dict())
             task.save_assets(out)
@@ -328,7 +337,11 @@ def fit(
             train_metrics = {"loss": totals.get("loss_sum", float("nan")) / count}
             if "correct" in totals:
                 train_metrics["accuracy"] = totals["correct"] / count
-            row: dict[str, Any] = {"epoch": epoch + 1, "step": st["step"]}
+            # A run stopped by max_steps inside an epoch keeps its place in it, so that a resume
+            # with more steps continues the same epoch; its history row has a fractional epoch.
+            partial = reached_max and st["batch"] < steps_per_epoch
+            shown_epoch = round(epoch + st["batch"] / steps_per_epoch, 4) if partial else epoch + 1
+            row: dict[str, Any] = {"epoch": shown_epoch, "step": st["step"]}
             row.update({f"train_{k}": v for k, v in train_metrics.items()})
             val: dict[str, float] = {}
             if (epoch + 1) % tcfg.eval_every == 0 or epoch + 1 == epochs or reached_max:
@@ -344,20 +357,25 @@ def fit(
                 row.update(task.epoch_end(eval_model(), epoch + 1, out) or {})
                 model.train()
             st["history"].append(row)
-            show(summary_line(epoch + 1, train_metrics, val, epoch_seconds))
+            show(summary_line(shown_epoch, train_metrics, val, epoch_seconds))
             if writer is not None:
                 for k, v in row.items():
                     if k not in ("epoch", "step") and isinstance(v, (int, float)):
                         writer.add_scalar(f"epoch/{k}", v, epoch + 1)
-            st.update({"epoch": epoch + 1, "batch": 0, "sums": {}, "grad_sums": {}, "epoch_seconds": 0.0})
+            if partial:
+                st.update({"sums": {k: v.item() for k, v in sums.items()}, "grad_sums": grad_sums, "epoch_seconds": epoch_seconds})
+            else:
+                st.update({"epoch": epoch + 1, "batch": 0, "sums": {}, "grad_sums": {}, "epoch_seconds": 0.0})
             if is_main:
                 write_history(out, st["history"])
                 save_weights(out, eval_model(), cfg)
-            save_checkpoint(finished_epoch=True)
+            save_checkpoint(finished_epoch=not partial)
             if reached_max:
                 break
 
         final: dict[str, Any] = {}
+        # DDP keeps replicas identical by construction; check it (bit-exact digest, all-gathered).
+        in_sync = D.params_in_sync(model, info, device) if info.enabled else None
         if is_main:
             final = task.final_metrics(eval_model(), out, st["history"]) or {}
             text = final.pop("report_text", None)
@@ -374,6 +392,10 @@ def fit(
                 "global_batch_size": tcfg.batch_size,
                 "skipped_steps": st["skipped_steps"],
             })
+            if in_sync is not None:
+                metrics["ranks_in_sync"] = in_sync
+                if not in_sync:
+                    print(f"duboko: warning: the {info.world_size} ranks ended with different weights", file=sys.stderr)
             atomic_write_json(out / METRICS, metrics)
             write_manifest(out)
             if text:
