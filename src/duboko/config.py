@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
@@ -333,3 +334,19 @@ def validate_train(cfg: TrainConfig) -> None:
         raise DubokoError(f"train.epochs must be >= 1 (or set max_steps), got {cfg.epochs!r}")
     if len(cfg.betas) != 2:
         raise DubokoError(f"train.betas expects two numbers, got {cfg.betas!r}")
+    # Ranges (torch would otherwise fail deep inside with a traceback, or silently misbehave).
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise DubokoError(f"train.{f.name} must be a finite number, got {value!r}")
+    if not all(isinstance(b, float) and 0.0 <= b < 1.0 for b in cfg.betas):
+        raise DubokoError(f"train.betas must be two numbers in [0, 1), got {cfg.betas!r}")
+    bounded = {"momentum": (0.0, 1.0), "ema_decay": (0.0, 0.999999), "label_smoothing": (0.0, 1.0), "min_lr_ratio": (0.0, 1.0)}
+    for key, (lo, hi) in bounded.items():
+        if not lo <= getattr(cfg, key) <= hi:
+            raise DubokoError(f"train.{key} must be in [{lo:g}, {hi:g}], got {getattr(cfg, key)!r}")
+    for key in ("weight_decay", "grad_clip", "epochs", "max_steps", "warmup_steps", "num_threads", "checkpoint_every"):
+        if getattr(cfg, key) < 0:
+            raise DubokoError(f"train.{key} must be >= 0, got {getattr(cfg, key)!r}")
+    if cfg.log_every < 1:
+        raise DubokoError(f"train.log_every must be >= 1, got {cfg.log_every!r}")

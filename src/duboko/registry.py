@@ -64,7 +64,7 @@ def model_names() -> list[str]:
 
 def get_spec(name: str) -> ModelSpec:
     _load_builtin_models()
-    if name not in _MODELS:
+    if not isinstance(name, str) or name not in _MODELS:
         raise unknown_name("model", name, _MODELS)
     return _MODELS[name]
 
@@ -104,7 +104,10 @@ def build_model(name: str, config_dict: dict[str, Any]) -> nn.Module:
     spec = get_spec(name)
     known = config_fields(spec)
     values = {k: v for k, v in config_dict.items() if k in known}
-    return spec.model_cls(spec.config_cls(**values))
+    try:
+        return spec.model_cls(spec.config_cls(**values))
+    except ValueError as exc:  # a model's own check of its config (as in create_model)
+        raise DubokoError(f"cannot build model {name!r}: {exc}") from exc
 
 
 def example_input(name: str, batch_size: int = 2, model: nn.Module | None = None) -> tuple:

@@ -1,5 +1,146 @@
-"""Placeholder: this family's commands are registered here."""
+"""`duboko bench`: speed benchmarks that print a table and, with --json, a JSON record."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EPILOG_MNIST = """examples:
+  duboko bench mnist --json                              reference vs duboko, same recipe (batch 64)
+  duboko bench mnist --pairs 10 --window 20 --eval       longer, plus test accuracy of both after it
+  duboko bench mnist --time-to-accuracy 0.992 --json     mnist-cnn-fast to 99.2%% vs the reference's 5 epochs
+  duboko bench mnist --time-to-accuracy 0.992 --reference-full   also train the reference for 5 epochs
+
+Each side trains in its own worker process; windows of N batches alternate (ref, duboko),
+(duboko, ref), ... so machine noise lands on both sides of each pair's ratio. On a shared machine,
+serialize long runs: flock /tmp/duboko-cpu.lock duboko bench mnist ..."""
 
 
 def register(sub) -> None:
-    pass
+    p = sub.add_parser("bench", help="speed benchmarks (reference primer pipeline vs duboko)",
+                       description="Speed benchmarks: images/s or tokens/s, time to accuracy, peak memory and the "
+                       "hardware they ran on, as a table or JSON.")
+    bsub = p.add_subparsers(dest="bench", metavar="BENCH")
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+    m = bsub.add_parser("mnist", help="the primer's MNIST pipeline vs duboko's, side by side",
+                        description="MY_NET on MNIST: the primer's per-sample PIL pipeline (float32, eager, batch 64) "
+                        "against duboko's engine step (device-resident data, batched augmentation, channels-last, "
+                        "bf16 where native), in alternating windows; or, with --time-to-accuracy, duboko's "
+                        "mnist-cnn-fast recipe to a test accuracy against the reference's 5-epoch time.",
+                        epilog=EPILOG_MNIST, formatter_class=argparse.RawDescriptionHelpFormatter)
+    m.add_argument("--json", action="store_true", help="print the full JSON record instead of the table")
+    m.add_argument("--out", metavar="FILE", help="also write the JSON record to FILE (atomically)")
+    m.add_argument("--plot", metavar="PNG", help="write a picture of every window's images/s")
+    m.add_argument("--pairs", type=int, default=6, help="alternating window pairs (throughput mode; default 6)")
+    m.add_argument("--window", type=int, default=10, help="batches per timed window (default 10)")
+    m.add_argument("--warmup", type=int, default=2, help="untimed batches per side before timing (default 2)")
+    m.add_argument("--recipe", default="mnist-cnn", help="duboko's recipe in throughput mode (default mnist-cnn)")
+    m.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of duboko's recipe, e.g. batch_size=128 (repeatable)")
+    m.add_argument("--precision", default="auto", help="duboko's precision: auto (bf16 only where the hardware has "
+                   "native bf16, else fp32) | fp32 | bf16 | recipe (default auto)")
+    m.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (both sides)")
+    m.add_argument("--eval", action="store_true", help="throughput mode: also test both models after their equal steps")
+    m.add_argument("--time-to-accuracy", type=float, metavar="ACC",
+                   help="time duboko's fast recipe to this test accuracy (e.g. 0.992)")
+    m.add_argument("--fast-recipe", default="mnist-cnn-fast", help="recipe for --time-to-accuracy (default mnist-cnn-fast)")
+    m.add_argument("--reference-every", type=int, default=3,
+                   help="time-to-accuracy: one reference window every N duboko windows (default 3)")
+    m.add_argument("--reference-epochs", type=int, default=5, help="the reference recipe's epochs (default 5)")
+    m.add_argument("--reference-full", action="store_true",
+                   help="time-to-accuracy: really train the reference for all its epochs (slow) instead of "
+                   "estimating its time from the measured images/s")
+    m.add_argument("--run-to-end", action="store_true",
+                   help="time-to-accuracy: finish the fast recipe's epochs even after reaching the target")
+    m.add_argument("--reference-workers", type=int, default=0, help="reference DataLoader workers (the primer's: 0)")
+    m.add_argument("--limit-train", type=int, default=0, help=argparse.SUPPRESS)
+    m.add_argument("--limit-test", type=int, default=0, help=argparse.SUPPRESS)
+    m.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m.set_defaults(func=cmd_mnist)
+
+    for family, unit, what in (("lm", "tokens", "the LSTM, GRU, RNN and GPT language-model recipes"),
+                               ("diffusion", "images", "the diffusion recipes, plus DDPM vs DDIM sampling speed")):
+        f = bsub.add_parser(family, help=f"training {unit}/s of {what}",
+                            description=f"Training {unit}/s of {what}, through the engine's own training step "
+                            "(warm-up steps untimed, then timed windows).",
+                            epilog=f"examples:\n  duboko bench {family} --json\n  duboko bench {family} --recipe "
+                            + ("shakespeare-gpt --windows 5" if family == "lm" else "mnist-diffusion --samples 16"),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        f.add_argument("--json", action="store_true", help="print the full JSON record instead of the table")
+        f.add_argument("--out", metavar="FILE", help="also write the JSON record to FILE (atomically)")
+        f.add_argument("--recipe", action="append", default=[], help="only this recipe (repeatable; default: all of the family)")
+        f.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a field of every recipe, e.g. batch_size=32 (repeatable)")
+        f.add_argument("--windows", type=int, default=3, help="timed windows per recipe (default 3)")
+        f.add_argument("--window", type=int, default=5, help="steps per window (default 5)")
+        f.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+        f.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+        f.add_argument("--no-progress", action="store_true", help="no progress bar")
+        if family == "diffusion":
+            f.add_argument("--samples", type=int, default=8, help="images sampled per sampler (default 8)")
+            f.add_argument("--ddpm-steps", type=int, default=0, help="DDPM steps (default: the recipe's T)")
+            f.add_argument("--ddim-steps", type=int, default=50, help="DDIM steps (default 50)")
+        f.set_defaults(func=cmd_family, family=family)
+
+
+def _emit(args, result: dict, text: str) -> None:
+    if args.out:
+        from duboko.io import atomic_write_json
+
+        atomic_write_json(args.out, result)
+    if args.plot:
+        from duboko.bench.mnist import plot_windows
+
+        plot_windows(result, args.plot)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(text)
+
+
+def cmd_mnist(args) -> int:
+    from duboko.bench import mnist
+    from duboko.bench.reference import ReferenceConfig
+
+    ref = ReferenceConfig(num_workers=args.reference_workers, limit_train=args.limit_train, limit_test=args.limit_test)
+    overrides = list(args.overrides)
+    if args.limit_train:
+        overrides.append(f"data.limit_train={args.limit_train}")
+    if args.limit_test:
+        overrides.append(f"data.limit_test={args.limit_test}")
+    progress = not args.no_progress and sys.stderr.isatty()
+    common = dict(device=args.device, precision=args.precision, reference=ref,
+                  subprocess=not args.in_process, progress=progress, window=args.window, warmup=args.warmup)
+    if args.time_to_accuracy is not None:
+        result = mnist.run_time_to_accuracy(
+            args.time_to_accuracy, fast_recipe=args.fast_recipe, overrides=overrides,
+            reference_every=args.reference_every, reference_epochs=args.reference_epochs,
+            reference_full=args.reference_full, run_to_end=args.run_to_end, **common)
+    else:
+        result = mnist.run_throughput(pairs=args.pairs, recipe=args.recipe, overrides=overrides, evaluate=args.eval, **common)
+    _emit(args, result, mnist.format_report(result))
+    return 0
+
+
+def cmd_family(args) -> int:
+    from duboko.bench import recipes
+
+    extra = {}
+    if args.family == "diffusion":
+        if args.samples < 1 or args.ddim_steps < 1 or args.ddpm_steps < 0:
+            from duboko.errors import DubokoError
+
+            raise DubokoError(f"--samples and --ddim-steps must be >= 1, got {args.samples}, {args.ddim_steps}")
+        extra = {"samples": args.samples, "ddpm_steps": args.ddpm_steps, "ddim_steps": args.ddim_steps}
+    result = recipes.run_family(args.family, recipes=args.recipe or None, overrides=args.overrides, windows=args.windows,
+                                window=args.window, warmup=args.warmup, device=args.device,
+                                progress=not args.no_progress and sys.stderr.isatty(), **extra)
+    if args.out:
+        from duboko.io import atomic_write_json
+
+        atomic_write_json(args.out, result)
+    print(json.dumps(result, indent=2) if args.json else recipes.format_report(result))
+    return 0

@@ -1,5 +1,236 @@
-"""Placeholder: this family's commands are registered here."""
+"""Text commands: `generate` (sample from a trained language model, streamed), `next-word`
+(rank the next token with probabilities) and `gradflow` (vanishing gradients, plotted)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from duboko.errors import DubokoError
 
 
 def register(sub) -> None:
-    pass
+    p = sub.add_parser(
+        "generate",
+        help="sample text from a trained language model (RNN or GPT), streamed to the terminal",
+        description="Sample a continuation of --prompt from a trained language-model run folder. "
+        "Text is printed as it is produced. The same --seed gives the same text.",
+    )
+    p.add_argument("run", help="run folder of a language-model run (duboko train ... --out RUN)")
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument("--max-new-tokens", type=int, default=400, help="tokens to generate (default 400)")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="softmax temperature; lower is more conservative, 0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=0, help="sample only from the k most likely tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling: the smallest set of tokens with this much probability (1: off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide the logits of tokens already in the text by this (>1 repeats less; 1: off)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when this text appears (repeatable; e.g. --stop $'\\n\\n')")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
+    p.add_argument("--no-cache", action="store_true",
+                   help="re-feed the whole context every step instead of carrying the state/KV cache")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default auto)")
+    p.add_argument("--no-prompt", action="store_true", help="print only the generated text, not the prompt")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "next-word",
+        help="rank the most likely next tokens after a text, with probabilities",
+        description="Show the --top most likely next tokens (words for a word-level model, "
+        "characters or BPE pieces otherwise) after TEXT, with their probabilities.",
+    )
+    p.add_argument("run", help="run folder of a language-model run")
+    p.add_argument("text", help='the context, e.g. "The cat sat on the"')
+    p.add_argument("--top", type=int, default=5, help="how many candidates (default 5)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default auto)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_next_word)
+
+    p = sub.add_parser(
+        "gradflow",
+        help="plot how the gradient of the last step's loss reaches earlier input steps (RNN vs LSTM/GRU)",
+        description="For each run folder, feed validation windows of --steps tokens and plot the "
+        "mean norm of d(loss at the last step)/d(input embedding at step t) against the distance "
+        "T-1-t. A plain RNN's curve falls off geometrically (vanishing gradients); an LSTM's or "
+        "GRU's stays up far longer.",
+    )
+    p.add_argument("runs", nargs="+", help="run folders of recurrent language models (e.g. runs/rnn runs/lstm)")
+    p.add_argument("--out", default="gradflow.png", help="picture to write (default gradflow.png); a .json with the numbers is written beside it")
+    p.add_argument("--steps", type=int, default=200, help="sequence length T (default 200)")
+    p.add_argument("--batch", type=int, default=32, help="validation windows averaged (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="which windows are drawn (default 0)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default auto)")
+    p.set_defaults(func=cmd_gradflow)
+
+
+def _load(run: str, device: str):
+    from duboko.train.run import load_run
+
+    loaded = load_run(run, device=device)
+    if loaded.config.task != "language-model":
+        raise DubokoError(f"{run} is a {loaded.config.task!r} run; expected a language-model run")
+    return loaded
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from duboko.nn.sampling import TextStreamer, generate
+
+    if args.max_new_tokens < 1:
+        raise DubokoError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise DubokoError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise DubokoError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise DubokoError(f"--top-k must be >= 0, got {args.top_k}")
+    if args.repetition_penalty <= 0:
+        raise DubokoError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
+    loaded = _load(args.run, args.device)
+    tok = loaded.task.tokenizer
+    prompt = args.prompt if args.prompt else "\n"
+    ids = tok.encode(prompt)
+    if not ids:
+        raise DubokoError(f"the prompt {args.prompt!r} encodes to no tokens")
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    if not args.no_prompt:
+        write(prompt)
+    streamer = TextStreamer(tok.decode, write, stop=args.stop)
+    generate(
+        loaded.model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop,
+        decode=tok.decode, seed=args.seed, use_cache=not args.no_cache, on_token=streamer,
+    )
+    streamer.flush()
+    write("\n")
+    return 0
+
+
+def next_token_table(model, tokenizer, text: str, top: int, temperature: float = 1.0) -> list[tuple[str, int, float]]:
+    """[(token text, id, probability)] of the `top` most likely next tokens after `text`."""
+    import torch
+
+    ids = tokenizer.encode(text)
+    if not ids:
+        raise DubokoError(f"the text {text!r} encodes to no tokens")
+    block = getattr(model.config, "block_size", None)
+    if block:
+        ids = ids[-block:]
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([ids], device=device))
+    probs = torch.softmax(logits[0, -1].float().cpu() / temperature, dim=-1)
+    values, order = torch.topk(probs, min(top, probs.numel()))
+    return [(tokenizer.token_text(int(i)), int(i), float(v)) for v, i in zip(values, order)]
+
+
+def cmd_next_word(args: argparse.Namespace) -> int:
+    if args.top < 1:
+        raise DubokoError(f"--top must be >= 1, got {args.top}")
+    if args.temperature <= 0:
+        raise DubokoError(f"--temperature must be > 0, got {args.temperature}")
+    loaded = _load(args.run, args.device)
+    rows = next_token_table(loaded.model, loaded.task.tokenizer, args.text, args.top, args.temperature)
+    if args.json:
+        print(json.dumps([{"token": t, "id": i, "probability": p} for t, i, p in rows], indent=2))
+        return 0
+    print(f"after {args.text!r} ({loaded.task.tokenizer.kind} tokens):")
+    width = max(len(_show(t)) for t, _, _ in rows)
+    for rank, (t, _, p) in enumerate(rows, 1):
+        print(f"{rank:>3}. {_show(t):<{width}}  {p:7.2%}")
+    return 0
+
+
+def _show(token: str) -> str:
+    """A token as the user reads it: words without their leading space; whitespace made visible."""
+    stripped = token[1:] if token.startswith(" ") and token.strip() else token
+    return stripped if stripped.strip() and stripped == stripped.strip() else repr(token)
+
+
+def gradient_flow(model, x, y):
+    """Mean over the batch of ‖∂ loss(last step) / ∂ embedding(step t)‖ for t = 0..T-1.
+
+    x, y: (B, T) token ids and next-token targets. Needs `model.embedding` and
+    `model.forward_embeddings` (the rnn family). Returns a list of T floats, index t."""
+    import torch
+    import torch.nn.functional as F
+
+    if not hasattr(model, "forward_embeddings"):
+        raise DubokoError(
+            f"gradflow needs a recurrent language model (the rnn family); got {type(model).__name__}"
+        )
+    was_training = model.training
+    model.eval()  # no dropout; autograd still works
+    try:
+        with torch.enable_grad(), torch.backends.cudnn.flags(enabled=False):  # cuDNN RNN backward needs train mode
+            emb = model.embedding(x).detach().requires_grad_(True)  # (B, T, E)
+            logits, _ = model.forward_embeddings(emb)  # (B, T, V)
+            loss = F.cross_entropy(logits[:, -1].float(), y[:, -1])  # loss at the last step only
+            (grad,) = torch.autograd.grad(loss, emb)
+    finally:
+        model.train(was_training)
+    return grad.norm(dim=-1).mean(0).tolist()  # (T,)
+
+
+def cmd_gradflow(args: argparse.Namespace) -> int:
+    import torch
+
+    from duboko.io import atomic_write_bytes, atomic_write_json
+
+    if args.steps < 2 or args.batch < 1:
+        raise DubokoError(f"--steps must be >= 2 and --batch >= 1, got {args.steps} and {args.batch}")
+    curves = {}
+    for run in args.runs:
+        loaded = _load(run, args.device)
+        task, model = loaded.task, loaded.model
+        task._ensure_data()
+        ids = task.val_ids
+        T = args.steps
+        if len(ids) < T + 2:
+            raise DubokoError(f"{run}: validation text has {len(ids)} tokens, fewer than --steps {T}")
+        g = torch.Generator().manual_seed(args.seed)
+        starts = torch.randint(0, len(ids) - T - 1, (args.batch,), generator=g)
+        index = starts[:, None] + torch.arange(T)
+        x, y = ids[index].to(loaded.device), ids[index + 1].to(loaded.device)
+        norms = gradient_flow(model, x, y)
+        cfg = loaded.config.model
+        label = f"{Path(run).name} ({cfg.get('cell', cfg['name'])}, {cfg.get('num_layers', '?')}x{cfg.get('hidden_size', '?')})"
+        by_distance = list(reversed(norms))  # index k = T-1-t steps back from the loss
+        curves[label] = by_distance
+        shown = [k for k in (0, 10, 50, 100, 150, T - 1) if k < T]
+        cells = "  ".join(f"k={k}: {by_distance[k]:.2e}" for k in sorted(set(shown)))
+        print(f"{label}: |dL_T/dx_(T-k)|  {cells}")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label, values in curves.items():
+        ax.semilogy(range(len(values)), [max(v, 1e-30) for v in values], label=label)
+    ax.set_xlabel("steps back from the loss, k = T-1-t")
+    ax.set_ylabel("mean ‖∂L_T / ∂x_t‖ (log scale)")
+    ax.set_title("Gradient of the last step's loss w.r.t. earlier inputs")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    out = Path(args.out)
+    atomic_write_bytes(out, buf.getvalue())
+    atomic_write_json(out.with_suffix(".json"), {"steps": args.steps, "batch": args.batch, "seed": args.seed,
+                                                 "grad_norm_by_steps_back": curves})
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+    return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import struct
 import zlib
@@ -54,7 +55,10 @@ def parse(data: bytes, name: str = "<bytes>", expected_shape: tuple[int, ...] | 
         raise DubokoError(f"{name} is truncated: header needs {header} bytes, file has {len(data)}")
     shape = struct.unpack(f">{ndim}I", data[4:header])
     dtype = np.dtype(_DTYPES[code])
-    need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    need = math.prod(shape) * dtype.itemsize  # Python ints: no int64 overflow for huge headers
+    if math.prod(d for d in shape if d) * dtype.itemsize >= 2**40:
+        # numpy refuses such shapes even when one dimension is 0 (the payload is then empty).
+        raise DubokoError(f"{name} has an implausible shape {shape} in its header; a corrupt file?")
     have = len(data) - header
     if have != need:
         raise DubokoError(

@@ -1,3 +1,3 @@
 """Model families. Importing this package registers every named variant in `duboko.registry`."""
 
-from duboko.models import cnn, mlp, rnn, transformer, unet  # noqa: F401
+from duboko.models import cnn, mlp, rnn, scorer, transformer, unet  # noqa: F401

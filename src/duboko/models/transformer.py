@@ -1,1 +1,384 @@
-"""Placeholder: this family registers its models here."""
+"""Transformers: a GPT-style decoder-only language model and an encoder-decoder (seq2seq).
+
+Both are built from the blocks in `duboko.nn.attention` (pre-LayerNorm, Xiong et al. 2020).
+
+GPT (Radford et al. 2018/2019): token embedding + positional encoding -> n_layer causal blocks ->
+LayerNorm -> linear head (tied to the token embedding by default, Press & Wolf 2017). It follows
+the language-model protocol of `duboko.tasks.language_model`:
+
+    forward(idx: (B, T) long, state=None) -> (logits (B, T, vocab), new_state)
+
+where `state` is a `KVCache` (per-layer keys/values plus the position offset and the tokens seen);
+`state=None` runs without a cache. Feeding one token at a time with the returned state gives the
+same logits as re-running the whole window without a cache (tested), at O(T) instead of O(T²) cost
+per new token. Once the window is full (block_size tokens) the positions shift, so the model
+re-encodes the last block_size tokens (exactly what an uncached generator cropping its context
+does).
+
+Sizes (parameters with tied weights, vocab 65 unless said):
+    gpt-tiny      2 layers × 128, 4 heads, context 128         ~0.41 M
+    gpt-char      4 layers × 192, 6 heads, context 128          ~1.8 M  (shakespeare-gpt)
+    gpt-mini      6 layers × 384, 6 heads, context 256         ~10.7 M
+    gpt2-small   12 layers × 768, 12 heads, context 1024, vocab 50257   124.4 M (GPT-2 small)
+
+Seq2Seq (Vaswani et al. 2017, fig. 1): a shared token embedding, a `TransformerEncoder` over the
+source, a `TransformerDecoder` with causal self-attention and cross-attention to the encoder
+output, and an output head tied to the embedding. Trained with teacher forcing; decodes greedily
+or with beam search.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from duboko.nn.attention import (
+    KV,
+    POSITIONAL,
+    TransformerDecoder,
+    TransformerEncoder,
+)
+from duboko.registry import register_model
+
+
+def tie_output_head(model: nn.Module, embedding_key: str, head_key: str) -> None:
+    """Leave the tied head out of state dicts (safetensors refuses two names for one tensor; the
+    file is also smaller) and restore it from the embedding on load."""
+
+    def drop(module, state_dict, prefix, local_metadata):
+        state_dict.pop(prefix + head_key, None)
+
+    def fill(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        if prefix + embedding_key in state_dict:
+            state_dict.setdefault(prefix + head_key, state_dict[prefix + embedding_key])
+
+    model.register_state_dict_post_hook(drop)
+    model.register_load_state_dict_pre_hook(fill)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPT.
+
+
+@dataclass
+class KVCache:
+    """The GPT's generation state: what `forward(idx, state)` returns and takes back."""
+
+    layers: list[KV] = field(default_factory=list)  # per layer (k, v), each (B, H, P, Dh)
+    offset: int = 0  # P: positions already in the cache (the next token's position)
+    tokens: torch.Tensor | None = None  # (B, P) the cached tokens, to re-encode a full window
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 65  # tokens; the language-model task sets it from the tokenizer
+    block_size: int = 128  # context length: the most positions the model attends over
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 6  # attention heads per block (n_embd must be divisible by it)
+    n_embd: int = 192  # model width d_model
+    mlp_ratio: int = 4  # MLP hidden size = mlp_ratio · n_embd
+    dropout: float = 0.0  # dropout on embeddings, attention weights and residual branches
+    bias: bool = True  # biases in Linear and LayerNorm layers (GPT-2 has them)
+    tie_weights: bool = True  # share the token embedding with the output head
+    positional: str = "learned"  # learned (GPT-2) | sinusoidal | rotary | none
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer language model."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        if config.positional not in POSITIONAL:
+            raise ValueError(f"positional must be one of {', '.join(POSITIONAL)}, got {config.positional!r}")
+        if config.n_embd % config.n_head:
+            raise ValueError(f"n_embd {config.n_embd} is not divisible by n_head {config.n_head}")
+        if min(config.vocab_size, config.block_size, config.n_layer, config.n_embd) < 1:
+            raise ValueError("vocab_size, block_size, n_layer and n_embd must be >= 1")
+        if not 0.0 <= config.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {config.dropout}")
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)  # wte
+        self.decoder = TransformerDecoder(
+            config.n_layer,
+            config.n_embd,
+            config.n_head,
+            config.mlp_ratio * config.n_embd,
+            config.dropout,
+            max_len=config.block_size,
+            positional=config.positional,
+            bias=config.bias,
+            cross_attention=False,
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        # GPT-2: scale the init of the projections into the residual stream by 1/√(2·n_layer),
+        # so the residual's variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("out_proj.weight") or name.endswith("fc2.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.tie_weights:
+            self.lm_head.weight = self.tok_emb.weight  # (vocab, n_embd), one tensor
+            tie_output_head(self, "tok_emb.weight", "lm_head.weight")
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(
+        self, idx: torch.Tensor, state: KVCache | None = None
+    ) -> tuple[torch.Tensor, KVCache]:
+        """idx (B, T) token ids -> logits (B, T, vocab) and the cache after these tokens."""
+        b, t = idx.shape
+        bs = self.config.block_size
+        if state is not None and state.offset + t > bs:
+            # The window is full: positions would exceed block_size, so drop the cache and
+            # re-encode the last block_size tokens from position 0.
+            window = torch.cat((state.tokens, idx), dim=1)[:, -bs:]
+            logits, new_state = self.forward(window, None)
+            return logits[:, -t:], new_state
+        if state is None and t > bs:
+            raise ValueError(f"sequence length {t} exceeds block_size {bs}")
+        x = self.tok_emb(idx)  # (B, T, n_embd)
+        x, present = self.decoder(x, past=state.layers if state is not None else None)
+        logits = self.lm_head(x)  # (B, T, vocab)
+        seen = idx if state is None or state.tokens is None else torch.cat((state.tokens, idx), dim=1)
+        return logits, KVCache(present, (0 if state is None else state.offset) + t, seen)
+
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        """Parameters (tied weights counted once); non_embedding drops the position table."""
+        n = sum(p.numel() for p in self.parameters())
+        pos = self.decoder.positional
+        if non_embedding and pos is not None:
+            n -= sum(p.numel() for p in pos.parameters())
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward): 6·N + 12·L·T·d (Kaplan et al. 2020 /
+        PaLM appendix B), N the non-embedding parameters. For model FLOPs utilisation (MFU)."""
+        c = self.config
+        t = seq_len or c.block_size
+        return 6.0 * self.num_parameters(non_embedding=True) + 12.0 * c.n_layer * t * c.n_embd
+
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, for MFU.
+PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "L4": 121e12, "A10": 125e12, "V100": 125e12}
+
+
+def estimate_mfu(model: GPT, tokens_per_second: float, device_name: str, seq_len: int | None = None) -> float | None:
+    """Model FLOPs utilisation (PaLM, appendix B): achieved training FLOP/s over the GPU's peak.
+    `device_name` as torch.cuda.get_device_name() gives it; None for an unknown device or a CPU."""
+    for key, peak in PEAK_FLOPS.items():
+        if key in device_name:
+            return model.flops_per_token(seq_len) * tokens_per_second / peak
+    return None
+
+
+def _token_input(config: GPTConfig, batch_size: int) -> tuple[torch.Tensor]:
+    return (torch.randint(0, config.vocab_size, (batch_size, min(config.block_size, 32))),)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoder-decoder.
+
+
+@dataclass
+class Seq2SeqConfig:
+    vocab_size: int = 64  # shared source/target vocabulary; the seq2seq task sets it
+    d_model: int = 128  # model width
+    num_heads: int = 4  # attention heads (d_model must be divisible by it)
+    num_encoder_layers: int = 3  # encoder blocks
+    num_decoder_layers: int = 3  # decoder blocks
+    dim_feedforward: int = 512  # MLP hidden size
+    dropout: float = 0.1  # dropout on embeddings, attention and residual branches
+    max_len: int = 64  # longest source or target sequence in tokens (with BOS/EOS)
+    positional: str = "sinusoidal"  # sinusoidal (the paper's) | learned | rotary | none
+    tie_weights: bool = True  # output head shares the token embedding (section 3.4)
+    pad_id: int = 0  # padding token
+    bos_id: int = 1  # begin-of-sequence token that starts every decoder input
+    eos_id: int = 2  # end-of-sequence token that ends every target
+
+
+class Seq2Seq(nn.Module):
+    """Transformer encoder-decoder. forward(src (B, S), tgt_in (B, T)) -> logits (B, T, vocab)."""
+
+    def __init__(self, config: Seq2SeqConfig):
+        super().__init__()
+        if config.d_model % config.num_heads:
+            raise ValueError(f"d_model {config.d_model} is not divisible by num_heads {config.num_heads}")
+        if config.positional not in POSITIONAL:
+            raise ValueError(f"positional must be one of {', '.join(POSITIONAL)}, got {config.positional!r}")
+        if not 0.0 <= config.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {config.dropout}")
+        self.config = config
+        d = config.d_model
+        self.embedding = nn.Embedding(config.vocab_size, d, padding_idx=config.pad_id)
+        self.encoder = TransformerEncoder(
+            config.num_encoder_layers, d, config.num_heads, config.dim_feedforward,
+            config.dropout, config.max_len, config.positional,
+        )
+        self.decoder = TransformerDecoder(
+            config.num_decoder_layers, d, config.num_heads, config.dim_feedforward,
+            config.dropout, config.max_len, config.positional, cross_attention=True,
+        )
+        self.head = nn.Linear(d, config.vocab_size, bias=False)
+        nn.init.normal_(self.embedding.weight, std=d**-0.5)
+        with torch.no_grad():
+            self.embedding.weight[config.pad_id].zero_()
+        if config.tie_weights:
+            self.head.weight = self.embedding.weight
+            tie_output_head(self, "embedding.weight", "head.weight")
+        self.embed_scale = math.sqrt(d)  # section 3.4: embeddings are multiplied by √d_model
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embedding(tokens) * self.embed_scale  # (B, T, d_model)
+
+    def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """src (B, S) -> memory (B, S, d_model) and its padding mask (B, S), True at padding."""
+        pad = src == self.config.pad_id
+        return self.encoder(self.embed(src), pad), pad
+
+    def decode(
+        self,
+        tgt: torch.Tensor,
+        memory: torch.Tensor,
+        memory_pad: torch.Tensor,
+        past: list[KV] | None = None,
+    ) -> tuple[torch.Tensor, list[KV]]:
+        """tgt (B, T) decoder inputs (after P cached positions) -> logits (B, T, vocab), cache."""
+        x, present = self.decoder(
+            self.embed(tgt), memory, memory_key_padding_mask=memory_pad, past=past
+        )
+        return self.head(x), present
+
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: tgt_in is BOS + target[:-1]; logits predict the target (B, T, vocab).
+        Right padding needs no target mask: the causal mask keeps real tokens from seeing it."""
+        memory, pad = self.encode(src)
+        return self.decode(tgt_in, memory, pad)[0]
+
+    @torch.no_grad()
+    def greedy_decode(self, src: torch.Tensor, max_new_tokens: int | None = None) -> list[list[int]]:
+        """Most likely token at each step, with a key/value cache. Returns token ids per source
+        (without BOS/EOS)."""
+        c = self.config
+        steps = min(max_new_tokens or c.max_len - 1, c.max_len - 1)
+        memory, pad = self.encode(src)
+        b = src.shape[0]
+        token = torch.full((b, 1), c.bos_id, dtype=torch.long, device=src.device)
+        past = None
+        out = torch.zeros(b, 0, dtype=torch.long, device=src.device)
+        done = torch.zeros(b, dtype=torch.bool, device=src.device)
+        for _ in range(steps):
+            logits, past = self.decode(token, memory, pad, past)
+            token = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+            token = token.masked_fill(done[:, None], c.pad_id)
+            out = torch.cat((out, token), dim=1)
+            done |= token[:, 0] == c.eos_id
+            if done.all():
+                break
+        return [_strip(row, c.eos_id, c.pad_id) for row in out.tolist()]
+
+    @torch.no_grad()
+    def beam_search(
+        self,
+        src: torch.Tensor,
+        beam_size: int = 4,
+        max_new_tokens: int | None = None,
+        length_penalty: float = 0.0,
+    ) -> list[list[int]]:
+        """Beam search per source sequence (Sutskever et al. 2014; Wu et al. 2016 length penalty):
+        keep the `beam_size` best partial targets by summed log-probability; a finished hypothesis
+        (EOS) is scored by logp / ((5 + len) / 6)^length_penalty. beam_size 1 is greedy decoding."""
+        c = self.config
+        steps = min(max_new_tokens or c.max_len - 1, c.max_len - 1)
+        results = []
+        for i in range(src.shape[0]):
+            memory, pad = self.encode(src[i : i + 1])  # (1, S, d)
+            k = beam_size
+            seqs = torch.full((1, 1), c.bos_id, dtype=torch.long, device=src.device)  # (beams, t)
+            scores = torch.zeros(1, device=src.device)  # (beams,) summed log-probabilities
+            past = None
+            finished: list[tuple[float, list[int]]] = []
+            for step in range(steps):
+                n = seqs.shape[0]
+                logits, past = self.decode(
+                    seqs[:, -1:], memory.expand(n, -1, -1), pad.expand(n, -1), past
+                )
+                logp = torch.log_softmax(logits[:, -1].float(), dim=-1)  # (beams, V)
+                total = (scores[:, None] + logp).flatten()  # (beams·V,)
+                top, idx = total.topk(min(2 * k, total.numel()))  # room for EOS candidates
+                beam_idx, tok = idx // logp.shape[1], idx % logp.shape[1]
+                keep_b, keep_t, keep_s = [], [], []
+                for s, bi, ti in zip(top.tolist(), beam_idx.tolist(), tok.tolist()):
+                    if ti == c.eos_id:
+                        hyp = seqs[bi, 1:].tolist()
+                        finished.append((s / (((5 + len(hyp) + 1) / 6) ** length_penalty), hyp))
+                    else:
+                        keep_b.append(bi), keep_t.append(ti), keep_s.append(s)
+                    if len(keep_b) == k:
+                        break
+                best_done = max((f[0] for f in finished), default=-math.inf)
+                if not keep_b or (len(finished) >= k and best_done >= max(keep_s)):
+                    break  # no live beam can still beat the best finished one (scores only fall)
+                sel = torch.tensor(keep_b, device=src.device)
+                seqs = torch.cat((seqs[sel], torch.tensor(keep_t, device=src.device)[:, None]), dim=1)
+                scores = torch.tensor(keep_s, device=src.device)
+                past = [(kk[sel], vv[sel]) for kk, vv in past]
+            if not finished:  # ran out of steps: take the best live beam
+                finished.append((scores[0].item(), seqs[0, 1:].tolist()))
+            results.append(max(finished, key=lambda f: f[0])[1])
+        return results
+
+
+def _strip(ids: list[int], eos: int, pad: int) -> list[int]:
+    out = []
+    for t in ids:
+        if t in (eos, pad):
+            break
+        out.append(t)
+    return out
+
+
+def _seq2seq_input(config: Seq2SeqConfig, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    src = torch.randint(3, config.vocab_size, (batch_size, 8))
+    tgt = torch.randint(3, config.vocab_size, (batch_size, 10))
+    return src, tgt
+
+
+# ---------------------------------------------------------------------------------------------
+# Registered variants.
+
+register_model(
+    "gpt-tiny", family="transformer", model_cls=GPT, config_cls=GPTConfig,
+    description="GPT, 2 layers × 128 wide, 4 heads, context 128 (~0.4M parameters)",
+    example_input=_token_input, n_layer=2, n_head=4, n_embd=128, block_size=128,
+)
+register_model(
+    "gpt-char", family="transformer", model_cls=GPT, config_cls=GPTConfig,
+    description="GPT, 4 layers × 192 wide, 6 heads, context 128 (~1.8M): shakespeare-gpt",
+    example_input=_token_input, n_layer=4, n_head=6, n_embd=192, block_size=128,
+)
+register_model(
+    "gpt-mini", family="transformer", model_cls=GPT, config_cls=GPTConfig,
+    description="GPT, 6 layers × 384 wide, 6 heads, context 256 (~10.7M parameters)",
+    example_input=_token_input, n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2,
+)
+register_model(
+    "gpt2-small", family="transformer", model_cls=GPT, config_cls=GPTConfig,
+    description="GPT-2 small: 12 layers × 768, 12 heads, context 1024, vocab 50257 (124M)",
+    example_input=_token_input, n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257,
+)
+register_model(
+    "seq2seq", family="transformer", model_cls=Seq2Seq, config_cls=Seq2SeqConfig,
+    description="Transformer encoder-decoder, 3+3 layers × 128 wide, 4 heads (numbers-seq2seq)",
+    example_input=_seq2seq_input,
+)

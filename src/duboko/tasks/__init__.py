@@ -99,7 +99,7 @@ class Task:
 
 
 def get_task_cls(name: str) -> type[Task]:
-    if name not in TASK_MODULES:
+    if not isinstance(name, str) or name not in TASK_MODULES:
         raise unknown_name("task", name, TASK_MODULES)
     module = importlib.import_module(TASK_MODULES[name])
     for value in vars(module).values():

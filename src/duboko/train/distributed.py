@@ -65,3 +65,20 @@ def barrier(info: DistInfo) -> None:
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def params_in_sync(model: torch.nn.Module, info: DistInfo, device: torch.device) -> bool:
+    """Whether every rank holds bit-identical parameters and buffers: a SHA-256 of their bytes on
+    each rank, all-gathered and compared (a collective: every rank must call it)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    mine = torch.tensor(list(digest.digest()), dtype=torch.int64, device=device)  # (32,)
+    if not info.enabled:
+        return True
+    gathered = [torch.empty_like(mine) for _ in range(info.world_size)]
+    dist.all_gather(gathered, mine)
+    return all(torch.equal(g, gathered[0]) for g in gathered)

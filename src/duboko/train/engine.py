@@ -272,10 +272,11 @@ def fit(
                         optimizer.zero_grad(set_to_none=True)
                         st["batch"] += 1
                         continue
+                    kept = (f"The last good checkpoint is kept in {out}" if (out / ckpt.STATE_FILE).exists()
+                            else "No checkpoint was saved before it (train.checkpoint_every=N saves every N steps)")
                     raise DubokoError(
                         f"the loss became {loss.item()} at step {st['step'] + 1} (epoch {epoch + 1}, batch {st['batch'] + 1}); "
-                        f"stopped. The last good checkpoint is kept in {out}. Lower train.lr, set train.grad_clip, "
-                        "or set train.nonfinite=skip"
+                        f"stopped. {kept}. Lower train.lr, set train.grad_clip, or set train.nonfinite=skip"
                     )
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:

@@ -68,13 +68,21 @@ def verify_manifest(run_dir: Path) -> None:
     path = run_dir / MANIFEST
     if not path.exists():
         raise DubokoError(f"{run_dir} has no {MANIFEST}; it is not a complete duboko run folder")
-    listed = read_json(path).get("sha256", {})
+    manifest = read_json(path)
+    listed = manifest.get("sha256") if isinstance(manifest, dict) else None
+    if not isinstance(listed, dict) or not all(
+        isinstance(n, str) and isinstance(d, str) and n and "/" not in n and "\\" not in n and n not in (".", "..")
+        for n, d in listed.items()
+    ):
+        raise DubokoError(f"{path} is not a duboko manifest (expected {{\"sha256\": {{file name: hex digest}}}})")
     for name, digest in listed.items():
         file = run_dir / name
         if not file.exists():
             raise DubokoError(f"{file} is missing (listed in {MANIFEST})")
         if sha256_file(file) != digest:
-            raise DubokoError(f"{file} does not match its SHA-256 in {MANIFEST}: the file was changed or truncated")
+            # A run killed between a checkpoint and the manifest's rewrite also lands here.
+            hint = " (or the run was killed mid-checkpoint: `duboko train --resume` finishes it)" if name == "state.safetensors" else ""
+            raise DubokoError(f"{file} does not match its SHA-256 in {MANIFEST}: the file was changed or truncated{hint}")
 
 
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:

@@ -1,0 +1,345 @@
+"""Shared benchmark machinery: the hardware record, peak memory, duboko's engine step in windows,
+and side-by-side runs of two trainers in worker processes, pair by pair.
+
+Why pairs: on a shared machine the speed of the cores drifts from second to second (other jobs,
+turbo, thermal limits). Timing side A for a while and then side B lets that drift land on one side
+only. Here each side trains in short windows of N steps, the windows alternate A, B, B, A, A, B, ...
+and each pair's ratio is taken from two windows that ran back to back, so slow patches of the
+machine hit both sides of a ratio alike.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from duboko.errors import DubokoError
+
+# ---------------------------------------------------------------------------------------------
+# Hardware and memory.
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_bf16_native() -> bool:
+    """True when oneDNN has native bfloat16 kernels on this CPU (AVX-512 BF16 / AMX); without them
+    bf16 autocast on a CPU is emulated and several times slower than float32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def hardware(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown")(),
+        "cpu_bf16_native": cpu_bf16_native(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update({"gpu": props.name, "gpu_memory_gb": round(props.total_memory / 2**30, 1),
+                     "gpu_bf16": torch.cuda.is_bf16_supported(), "cuda": torch.version.cuda})
+    try:
+        info["load_average"] = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        pass
+    return info
+
+
+def best_precision(device: torch.device) -> str:
+    """bf16 where the hardware computes it natively (CUDA with bf16, CPUs with AVX-512 BF16/AMX),
+    else fp32: emulated bf16 would be a slow-down, not a speed-up."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        return "bf16" if cpu_bf16_native() else "fp32"
+    return "fp32"
+
+
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    """Peak resident memory of this process (and of its finished children, e.g. DataLoader
+    workers), and peak GPU memory allocated on CUDA."""
+    kb = 1024.0  # ru_maxrss is in KiB on Linux, bytes on macOS
+    scale = 1.0 / (kb * kb) if sys.platform == "darwin" else 1.0 / kb
+    out = {
+        "rss_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, 1),
+        "children_rss_peak_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale, 1),
+    }
+    if device.type == "cuda":
+        out["gpu_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# duboko's side: the engine's training step, steppable in windows.
+
+
+class EngineTrainer:
+    """Trains a recipe with the same pieces as `duboko.train.engine.fit` — the task's batches, the
+    model (channels-last when asked), autocast precision, the engine's optimizer and LR schedule,
+    the non-finite guard, EMA — but in windows of N steps, so a benchmark can time them between
+    the reference's windows. Run folders, checkpoints and TensorBoard are left out (they happen
+    once per epoch in `fit`, not per step)."""
+
+    name = "duboko"
+
+    def __init__(self, cfg, device: str = "auto"):
+        from duboko.tasks import get_task_cls
+        from duboko.train.engine import EMA, seed_everything
+        from duboko.train.optim import build_optimizer
+        from duboko.train.run import pick_device
+
+        self.cfg = cfg
+        tcfg = cfg.train
+        if tcfg.num_threads:
+            torch.set_num_threads(tcfg.num_threads)
+        self.device = pick_device(device if device != "auto" else tcfg.device, 0)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
+        seed_everything(tcfg.seed)
+        self.task = get_task_cls(cfg.task)(cfg, self.device, 0, 1)
+        self.task.setup(None)
+        model = self.task.build_model().to(self.device)
+        if tcfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.ema = EMA(model, tcfg.ema_decay) if tcfg.ema_decay > 0 else None
+        self.optimizer = build_optimizer(model, tcfg, self.device)
+        self.train_model = torch.compile(model) if tcfg.compile else model
+        self.steps_per_epoch = self.task.num_train_batches()
+        self.total_steps = max(1, tcfg.epochs * self.steps_per_epoch)
+        if tcfg.max_steps:
+            self.total_steps = min(self.total_steps, tcfg.max_steps)
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self._it = None
+        seed_everything(tcfg.seed)
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.total_steps
+
+    def _next_batch(self):
+        if self.batch_in_epoch >= self.steps_per_epoch:  # the epoch's generator is spent
+            self._it = None
+            self.epoch += 1
+            self.batch_in_epoch = 0
+        if self._it is None:
+            self._it = iter(self.task.train_batches(self.epoch, 0))
+        self.batch_in_epoch += 1
+        return next(self._it)
+
+    def run(self, n_batches: int, stop_at_epoch_end: bool = False) -> dict[str, float]:
+        """Train up to `n_batches` steps (fewer when the schedule ends, or at an epoch's end when
+        `stop_at_epoch_end`); data preparation is included in the time."""
+        from duboko.train.engine import _autocast
+        from duboko.train.optim import lr_factor, set_lr
+
+        tcfg = self.cfg.train
+        self.model.train()
+        sums: dict[str, float] = {}
+        stats_t: dict[str, torch.Tensor] = {}
+        n = 0
+        sync(self.device)
+        start = time.perf_counter()
+        for _ in range(n_batches):
+            if self.finished:
+                break
+            if stop_at_epoch_end and n and self.batch_in_epoch >= self.steps_per_epoch:
+                break
+            batch = self._next_batch()
+            set_lr(self.optimizer, tcfg.lr * lr_factor(tcfg, self.step, self.total_steps))
+            with _autocast(self.device, tcfg.precision):
+                out = self.task.training_step(self.train_model, batch)
+            if not bool(torch.isfinite(out.loss.detach())):
+                raise DubokoError(f"the loss became {out.loss.item()} at step {self.step + 1} of the benchmark")
+            self.optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            if tcfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip)
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
+            for k, v in out.stats.items():
+                if isinstance(v, torch.Tensor):
+                    v = v.detach().double()
+                    stats_t[k] = stats_t[k] + v if k in stats_t else v
+                else:
+                    sums[k] = sums.get(k, 0.0) + float(v)
+            self.step += 1
+            n += 1
+        sums.update({k: v.item() for k, v in stats_t.items()})
+        sync(self.device)
+        seconds = time.perf_counter() - start
+        return {"seconds": seconds, "steps": n, "images": sums.get("count", 0.0),
+                "loss_sum": sums.get("loss_sum", 0.0), "correct": sums.get("correct", 0.0),
+                "epoch_end": self.batch_in_epoch >= self.steps_per_epoch, "finished": self.finished}
+
+    def evaluate(self, split: str = "test") -> dict[str, float]:
+        """The task's own evaluation (EMA weights when EMA is on, as `fit` reports)."""
+        model = self.ema.module if self.ema is not None else self.model
+        sync(self.device)
+        start = time.perf_counter()
+        metrics = self.task.evaluate(model, split)
+        sync(self.device)
+        images = len(self.task.splits[split][0]) if hasattr(self.task, "splits") else 0
+        return {**metrics, "seconds": time.perf_counter() - start, "images": images}
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker processes: each side lives in its own process, so its peak memory is its own and
+# neither side's allocator or thread pool state leaks into the other's timings.
+
+
+def _worker(conn, factory: Callable[[], Any]) -> None:
+    try:
+        trainer = factory()
+        conn.send(("ready", {"device": str(getattr(trainer, "device", "cpu"))}))
+        while True:
+            cmd, args = conn.recv()
+            if cmd == "stop":
+                break
+            try:
+                if cmd == "run":
+                    result = trainer.run(*args)
+                elif cmd == "evaluate":
+                    result = trainer.evaluate()
+                elif cmd == "memory":
+                    result = peak_memory_mb(getattr(trainer, "device", torch.device("cpu")))
+                elif cmd == "state":
+                    result = {k: getattr(trainer, k, None) for k in ("step", "epoch", "steps", "images_seen", "finished")}
+                else:
+                    raise ValueError(f"unknown command {cmd!r}")
+                conn.send(("ok", result))
+            except DubokoError as exc:
+                conn.send(("user_error", str(exc)))
+            except Exception:  # noqa: BLE001 - passed back to the parent with its traceback
+                conn.send(("error", traceback.format_exc()))
+    except DubokoError as exc:
+        conn.send(("user_error", str(exc)))
+    except Exception:  # noqa: BLE001
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+class Side:
+    """One side of a benchmark: a trainer, in a worker process or (for tests) in this process."""
+
+    def __init__(self, name: str, factory: Callable[[], Any], subprocess: bool = True):
+        self.name = name
+        self.subprocess = subprocess
+        if subprocess:
+            ctx = mp.get_context("spawn")
+            self.conn, child = ctx.Pipe()
+            self.proc = ctx.Process(target=_worker, args=(child, factory), daemon=True)
+            self.proc.start()
+            child.close()
+            self._answer()
+        else:
+            self.trainer = factory()
+
+    def _answer(self):
+        try:
+            status, payload = self.conn.recv()
+        except EOFError as exc:
+            raise RuntimeError(f"the {self.name} benchmark worker died (exit code {self.proc.exitcode})") from exc
+        if status == "user_error":
+            raise DubokoError(payload)
+        if status == "error":
+            raise RuntimeError(f"the {self.name} benchmark worker failed:\n{payload}")
+        return payload
+
+    def call(self, cmd: str, *args):
+        if not self.subprocess:
+            if cmd == "run":
+                return self.trainer.run(*args)
+            if cmd == "evaluate":
+                return self.trainer.evaluate()
+            if cmd == "memory":
+                return peak_memory_mb(getattr(self.trainer, "device", torch.device("cpu")))
+            if cmd == "state":
+                return {k: getattr(self.trainer, k, None) for k in ("step", "epoch", "steps", "images_seen", "finished")}
+            raise ValueError(cmd)
+        self.conn.send((cmd, args))
+        return self._answer()
+
+    def close(self) -> None:
+        if self.subprocess:
+            try:
+                self.conn.send(("stop", ()))
+            except (BrokenPipeError, OSError):
+                pass
+            self.proc.join(timeout=30)
+            if self.proc.is_alive():
+                self.proc.terminate()
+                self.proc.join(timeout=5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Summaries.
+
+
+def rate(windows: list[dict], key: str = "images") -> float:
+    seconds = sum(w["seconds"] for w in windows)
+    return sum(w[key] for w in windows) / seconds if seconds > 0 else float("nan")
+
+
+def pair_ratios(a: list[dict], b: list[dict], key: str = "images") -> list[float]:
+    """Per-pair speed ratio b/a (items per second), pairing the i-th windows of each side."""
+    out = []
+    for wa, wb in zip(a, b):
+        if wa["seconds"] > 0 and wb["seconds"] > 0 and wa[key] > 0:
+            out.append((wb[key] / wb["seconds"]) / (wa[key] / wa["seconds"]))
+    return out
+
+
+def ratio_summary(ratios: list[float]) -> dict[str, float]:
+    if not ratios:
+        return {"median": float("nan"), "min": float("nan"), "max": float("nan"), "geomean": float("nan")}
+    return {
+        "median": round(statistics.median(ratios), 3),
+        "geomean": round(math.exp(sum(math.log(r) for r in ratios) / len(ratios)), 3),
+        "min": round(min(ratios), 3),
+        "max": round(max(ratios), 3),
+    }
+
+
+def format_table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])

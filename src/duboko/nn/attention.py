@@ -1,0 +1,526 @@
+"""Attention from its parts: scaled dot-product attention, multi-head attention, positional
+encodings and pre-LayerNorm transformer blocks (Vaswani et al. 2017, "Attention Is All You Need").
+
+Shapes: B batch, T query length, S key length, H heads, D = d_model, Dh = D / H head size.
+
+Masks follow `torch.nn.functional.scaled_dot_product_attention`:
+  * a boolean `attn_mask` is True where a query MAY attend to a key (broadcast to (B, H, T, S));
+  * a float `attn_mask` is added to the scores (0 = keep, -inf = block);
+  * a `key_padding_mask` (B, S) is True at PADDING keys (the `torch.nn.MultiheadAttention` and
+    `TransformerEncoder` convention), i.e. the opposite sense: it says what to ignore.
+
+Two paths compute the same thing (tested equal to 1e-5):
+  * `attention_explicit`: softmax(Q Kᵀ / √d + mask) V written out (eq. 1 of the paper), which also
+    returns the weights for attention maps;
+  * `attention`: the fused `F.scaled_dot_product_attention` kernel (flash / memory-efficient
+    attention on GPUs), used for training and generation unless weights are asked for.
+
+Stable API used by other families (the diffusion text encoder):
+    TransformerEncoder(num_layers, d_model, num_heads, dim_feedforward, dropout, max_len,
+                       positional="sinusoidal")
+    forward(x: (B, T, d_model), key_padding_mask: (B, T) bool True=pad | None) -> (B, T, d_model)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+POSITIONAL = ("sinusoidal", "learned", "rotary", "none")
+
+KV = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each (B, H, S, Dh)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scaled dot-product attention.
+
+
+def causal_mask(t: int, s: int | None = None, device: torch.device | None = None) -> torch.Tensor:
+    """Boolean (T, S) mask, True where query i may see key j: j <= i + (S - T).
+
+    With S > T (new queries after S - T cached keys) the queries are the LAST T positions, so the
+    diagonal is shifted; `F.scaled_dot_product_attention(is_causal=True)` aligns top-left instead,
+    which is only right for S == T."""
+    s = t if s is None else s
+    rows = torch.arange(t, device=device).unsqueeze(1) + (s - t)  # absolute query positions
+    return torch.arange(s, device=device).unsqueeze(0) <= rows
+
+
+def merge_masks(
+    attn_mask: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    is_causal: bool,
+    t: int,
+    s: int,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """One boolean "may attend" mask (broadcastable to (B, H, T, S)) from the three kinds, or None.
+
+    A float `attn_mask` is turned into a boolean one only if it is all 0/-inf; otherwise it is
+    kept additive (then it cannot be combined with the others by logical and, so we add -inf)."""
+    masks = []
+    if attn_mask is not None:
+        masks.append(attn_mask)
+    if key_padding_mask is not None:
+        masks.append(~key_padding_mask.bool()[:, None, None, :])  # (B, 1, 1, S)
+    if is_causal:
+        masks.append(causal_mask(t, s, device))  # (T, S)
+    if not masks:
+        return None
+    if any(m.dtype != torch.bool for m in masks):  # additive float masks: sum as scores offsets
+        total = None
+        for m in masks:
+            add = m if m.dtype != torch.bool else torch.zeros(m.shape, device=device).masked_fill(~m, float("-inf"))
+            total = add if total is None else total + add
+        return total
+    out = masks[0]
+    for m in masks[1:]:
+        out = out & m
+    return out
+
+
+def attention_explicit(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(Q Kᵀ / √d_k + M) V, eq. (1) of Vaswani et al. Returns (output, weights).
+
+    q (..., T, Dh), k (..., S, Dh), v (..., S, Dv) -> output (..., T, Dv), weights (..., T, S).
+    Same arguments and mask conventions as `F.scaled_dot_product_attention`."""
+    t, s = q.shape[-2], k.shape[-2]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale  # (..., T, S)
+    mask = attn_mask
+    if is_causal:
+        mask = merge_masks(attn_mask, None, True, t, s, q.device)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask
+    weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # rows sum to 1 over keys
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p)
+    return weights @ v, weights
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The fast path: `F.scaled_dot_product_attention` (fused kernels), same result as
+    `attention_explicit(...)[0]`."""
+    if is_causal and (attn_mask is not None or q.shape[-2] != k.shape[-2]):
+        # SDPA refuses is_causal together with a mask, and aligns the causal mask top-left.
+        attn_mask = merge_masks(attn_mask, None, True, q.shape[-2], k.shape[-2], q.device)
+        is_causal = False
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Positional encodings.
+
+
+def sinusoidal_table(max_len: int, d_model: int) -> torch.Tensor:
+    """(max_len, d_model) table of section 3.5 of the paper:
+    PE(pos, 2i) = sin(pos / 10000^(2i/d_model)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d_model))."""
+    pos = torch.arange(max_len, dtype=torch.float64).unsqueeze(1)  # (L, 1)
+    two_i = torch.arange(0, d_model, 2, dtype=torch.float64)  # (ceil(D/2),)
+    angle = pos / torch.pow(10000.0, two_i / d_model)  # (L, ceil(D/2))
+    table = torch.zeros(max_len, d_model, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(angle)
+    table[:, 1::2] = torch.cos(angle[:, : d_model // 2])
+    return table.float()
+
+
+class SinusoidalPositionalEncoding(nn.Module):
+    """Adds the fixed sinusoidal table; no parameters (a non-persistent buffer, not saved)."""
+
+    def __init__(self, d_model: int, max_len: int):
+        super().__init__()
+        self.max_len = max_len
+        self.register_buffer("pe", sinusoidal_table(max_len, d_model), persistent=False)
+
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        t = x.shape[1]  # x (B, T, D)
+        if offset + t > self.max_len:
+            raise ValueError(f"sequence of {offset + t} positions is longer than max_len {self.max_len}")
+        return x + self.pe[offset : offset + t].to(x.dtype)
+
+
+class LearnedPositionalEncoding(nn.Module):
+    """Adds a learned embedding per position (GPT-2's `wpe`)."""
+
+    def __init__(self, d_model: int, max_len: int):
+        super().__init__()
+        self.max_len = max_len
+        self.embedding = nn.Embedding(max_len, d_model)
+        nn.init.normal_(self.embedding.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        t = x.shape[1]
+        if offset + t > self.max_len:
+            raise ValueError(f"sequence of {offset + t} positions is longer than max_len {self.max_len}")
+        pos = torch.arange(offset, offset + t, device=x.device)
+        return x + self.embedding(pos)  # (B, T, D) + (T, D)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (Su et al. 2021, RoFormer eq. 34): rotates each pair of query/key
+    features (x_j, x_{j+Dh/2}) by the angle pos·θ_j, θ_j = base^(-2j/Dh), so q·k depends only on
+    the relative position. Applied inside attention to q and k, not added to the input."""
+
+    def __init__(self, head_dim: int, max_len: int, base: float = 10000.0):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"rotary embedding needs an even head size, got {head_dim}")
+        self.max_len = max_len
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (Dh/2,)
+        angle = torch.arange(max_len, dtype=torch.float64)[:, None] * inv_freq[None, :]  # (L, Dh/2)
+        self.register_buffer("cos", torch.cos(angle).float(), persistent=False)
+        self.register_buffer("sin", torch.sin(angle).float(), persistent=False)
+
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """x (B, H, T, Dh) at positions offset..offset+T-1 -> rotated x, same shape."""
+        t = x.shape[-2]
+        if offset + t > self.max_len:
+            raise ValueError(f"sequence of {offset + t} positions is longer than max_len {self.max_len}")
+        cos = self.cos[offset : offset + t].to(x.dtype)  # (T, Dh/2)
+        sin = self.sin[offset : offset + t].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)  # halves (B, H, T, Dh/2)
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+def make_positional(kind: str, d_model: int, max_len: int) -> nn.Module | None:
+    """The additive encoding for `kind` (None for rotary, applied in attention, and for none)."""
+    if kind == "sinusoidal":
+        return SinusoidalPositionalEncoding(d_model, max_len)
+    if kind == "learned":
+        return LearnedPositionalEncoding(d_model, max_len)
+    if kind in ("rotary", "none"):
+        return None
+    raise ValueError(f"unknown positional encoding {kind!r}; expected one of: {', '.join(POSITIONAL)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-head attention.
+
+
+class MultiHeadAttention(nn.Module):
+    """MultiHead(Q, K, V) = Concat(head_1..head_H) W^O, head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V)
+    (section 3.2.2). Self-attention when `context` is None, cross-attention to `context` otherwise.
+
+    Set `record_weights = True` (or use `recording_attention(model)`) to keep the last per-head
+    weights (B, H, T, S) in `self.weights`; that takes the explicit path."""
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        rotary_max_len: int = 0,
+    ):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)  # W^Q for all heads at once
+        self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)  # W^O
+        self.rotary = RotaryEmbedding(self.head_dim, rotary_max_len) if rotary_max_len else None
+        self.record_weights = False
+        self.weights: torch.Tensor | None = None
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        *,
+        key_padding_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        past_kv: KV | None = None,
+    ) -> tuple[torch.Tensor, KV]:
+        """x (B, T, D) queries; context (B, S, D) keys/values (None: x itself).
+
+        `past_kv` holds the keys and values (B, H, P, Dh) of P earlier positions (self-attention
+        with a key/value cache): the new queries are positions P..P+T-1. Returns the output
+        (B, T, D) and the full keys and values (B, H, P+T, Dh) to cache for the next step."""
+        b, t, _ = x.shape
+        source = x if context is None else context
+        q = self._heads(self.q_proj(x))  # (B, H, T, Dh)
+        k = self._heads(self.k_proj(source))  # (B, H, S, Dh)
+        v = self._heads(self.v_proj(source))
+        offset = 0 if past_kv is None else past_kv[0].shape[2]
+        if self.rotary is not None and context is None:
+            q = self.rotary(q, offset)
+            k = self.rotary(k, offset)  # cached keys were rotated at their own positions
+        if past_kv is not None:
+            k = torch.cat((past_kv[0], k), dim=2)  # (B, H, P+T, Dh)
+            v = torch.cat((past_kv[1], v), dim=2)
+        s = k.shape[2]
+        causal = is_causal and t > 1  # one new query may see every key already
+        dropout = self.dropout if self.training else 0.0
+        if self.record_weights:
+            mask = merge_masks(attn_mask, key_padding_mask, causal, t, s, x.device)
+            out, weights = attention_explicit(q, k, v, mask, dropout)
+            self.weights = weights.detach()
+        else:
+            mask = merge_masks(attn_mask, key_padding_mask, False, t, s, x.device)
+            out = attention(q, k, v, mask, dropout, is_causal=causal)
+        out = out.transpose(1, 2).reshape(b, t, self.embed_dim)  # concat heads (B, T, D)
+        return self.out_proj(out), (k, v)
+
+    @torch.no_grad()
+    def load_torch_weights(self, mha: nn.MultiheadAttention) -> None:
+        """Copy the weights of a `torch.nn.MultiheadAttention` (same embed_dim, num_heads,
+        batch_first either way): its packed in_proj is W^Q, W^K, W^V stacked."""
+        if mha.embed_dim != self.embed_dim or mha.num_heads != self.num_heads:
+            raise ValueError("embed_dim and num_heads must match")
+        if mha.in_proj_weight is None:
+            raise ValueError("only MultiheadAttention with equal q/k/v sizes (packed in_proj) is supported")
+        for proj, w in zip((self.q_proj, self.k_proj, self.v_proj), mha.in_proj_weight.chunk(3, dim=0)):
+            proj.weight.copy_(w)
+        if mha.in_proj_bias is not None:
+            for proj, b in zip((self.q_proj, self.k_proj, self.v_proj), mha.in_proj_bias.chunk(3, dim=0)):
+                proj.bias.copy_(b)
+        self.out_proj.weight.copy_(mha.out_proj.weight)
+        if mha.out_proj.bias is not None:
+            self.out_proj.bias.copy_(mha.out_proj.bias)
+
+
+@contextmanager
+def recording_attention(model: nn.Module) -> Iterator[list[MultiHeadAttention]]:
+    """Within the block, every MultiHeadAttention in `model` keeps its last weights (B, H, T, S)
+    in `.weights`. Yields the modules in definition order."""
+    modules = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+    for m in modules:
+        m.record_weights = True
+        m.weights = None
+    try:
+        yield modules
+    finally:
+        for m in modules:
+            m.record_weights = False
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-LayerNorm blocks.
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network (section 3.3): Linear -> GELU -> Linear -> dropout."""
+
+    def __init__(self, d_model: int, dim_feedforward: int, dropout: float = 0.0, bias: bool = True):
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, dim_feedforward, bias=bias)
+        self.fc2 = nn.Linear(dim_feedforward, d_model, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(F.gelu(self.fc1(x))))  # (B, T, D)
+
+
+class TransformerEncoderBlock(nn.Module):
+    """Pre-LN encoder layer (Xiong et al. 2020): x + Attn(LN(x)), then x + MLP(LN(x)). The LayerNorm
+    before each sublayer (instead of after, as in the paper) trains without warm-up tricks."""
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        dim_feedforward: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        rotary_max_len: int = 0,
+    ):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model, bias=bias)
+        self.attn = MultiHeadAttention(d_model, num_heads, dropout, bias, rotary_max_len)
+        self.ln2 = nn.LayerNorm(d_model, bias=bias)
+        self.mlp = MLP(d_model, dim_feedforward, dropout, bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        a, _ = self.attn(self.ln1(x), key_padding_mask=key_padding_mask, is_causal=is_causal)
+        x = x + self.dropout(a)  # (B, T, D)
+        return x + self.mlp(self.ln2(x))
+
+
+class TransformerDecoderBlock(nn.Module):
+    """Pre-LN decoder layer: causal self-attention, then (if `cross_attention`) attention to the
+    encoder's output, then the MLP, each as x + Sublayer(LN(x)). Without cross-attention this is
+    the GPT block."""
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        dim_feedforward: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        rotary_max_len: int = 0,
+        cross_attention: bool = True,
+    ):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model, bias=bias)
+        self.self_attn = MultiHeadAttention(d_model, num_heads, dropout, bias, rotary_max_len)
+        if cross_attention:
+            self.ln_cross = nn.LayerNorm(d_model, bias=bias)
+            self.cross_attn = MultiHeadAttention(d_model, num_heads, dropout, bias)
+        else:
+            self.ln_cross = self.cross_attn = None
+        self.ln2 = nn.LayerNorm(d_model, bias=bias)
+        self.mlp = MLP(d_model, dim_feedforward, dropout, bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        memory: torch.Tensor | None = None,
+        *,
+        memory_key_padding_mask: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        past_kv: KV | None = None,
+    ) -> tuple[torch.Tensor, KV]:
+        """x (B, T, D) targets, memory (B, S, D) encoder output. Returns (B, T, D) and this layer's
+        self-attention keys/values (B, H, P+T, Dh) for a cache."""
+        a, kv = self.self_attn(
+            self.ln1(x), key_padding_mask=key_padding_mask, is_causal=True, past_kv=past_kv
+        )
+        x = x + self.dropout(a)
+        if self.cross_attn is not None:
+            if memory is None:
+                raise ValueError("this decoder block has cross-attention: pass the encoder memory")
+            c, _ = self.cross_attn(self.ln_cross(x), memory, key_padding_mask=memory_key_padding_mask)
+            x = x + self.dropout(c)
+        return x + self.mlp(self.ln2(x)), kv
+
+
+# ---------------------------------------------------------------------------------------------
+# Stacks.
+
+
+class TransformerEncoder(nn.Module):
+    """Positional encoding + dropout + `num_layers` pre-LN encoder blocks + a final LayerNorm.
+
+    Input is already embedded: x (B, T, d_model); key_padding_mask (B, T) bool, True at padding.
+    Output (B, T, d_model). Used by the seq2seq model and as the diffusion text encoder."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        d_model: int,
+        num_heads: int,
+        dim_feedforward: int,
+        dropout: float = 0.0,
+        max_len: int = 512,
+        positional: str = "sinusoidal",
+        bias: bool = True,
+    ):
+        super().__init__()
+        if positional not in POSITIONAL:
+            raise ValueError(f"unknown positional encoding {positional!r}; expected one of: {', '.join(POSITIONAL)}")
+        self.positional = make_positional(positional, d_model, max_len)
+        rotary = max_len if positional == "rotary" else 0
+        self.dropout = nn.Dropout(dropout)
+        self.layers = nn.ModuleList(
+            TransformerEncoderBlock(d_model, num_heads, dim_feedforward, dropout, bias, rotary)
+            for _ in range(num_layers)
+        )
+        self.norm = nn.LayerNorm(d_model, bias=bias)  # pre-LN stacks need a final norm
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.positional is not None:
+            x = self.positional(x)
+        x = self.dropout(x)
+        for layer in self.layers:
+            x = layer(x, key_padding_mask)
+        return self.norm(x)
+
+
+class TransformerDecoder(nn.Module):
+    """Positional encoding + `num_layers` pre-LN decoder blocks + final LayerNorm, with an optional
+    key/value cache: `past` is a list of per-layer (k, v); new inputs start at position P (the
+    cached length)."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        d_model: int,
+        num_heads: int,
+        dim_feedforward: int,
+        dropout: float = 0.0,
+        max_len: int = 512,
+        positional: str = "sinusoidal",
+        bias: bool = True,
+        cross_attention: bool = True,
+    ):
+        super().__init__()
+        if positional not in POSITIONAL:
+            raise ValueError(f"unknown positional encoding {positional!r}; expected one of: {', '.join(POSITIONAL)}")
+        self.max_len = max_len
+        self.positional = make_positional(positional, d_model, max_len)
+        rotary = max_len if positional == "rotary" else 0
+        self.dropout = nn.Dropout(dropout)
+        self.layers = nn.ModuleList(
+            TransformerDecoderBlock(d_model, num_heads, dim_feedforward, dropout, bias, rotary, cross_attention)
+            for _ in range(num_layers)
+        )
+        self.norm = nn.LayerNorm(d_model, bias=bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        memory: torch.Tensor | None = None,
+        *,
+        memory_key_padding_mask: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        past: list[KV] | None = None,
+    ) -> tuple[torch.Tensor, list[KV]]:
+        """x (B, T, D) embedded targets -> (B, T, D) and the per-layer (k, v) (B, H, P+T, Dh)."""
+        offset = 0 if not past else past[0][0].shape[2]
+        if offset + x.shape[1] > self.max_len:
+            raise ValueError(f"sequence of {offset + x.shape[1]} positions is longer than max_len {self.max_len}")
+        if self.positional is not None:
+            x = self.positional(x, offset)
+        x = self.dropout(x)
+        present = []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(
+                x,
+                memory,
+                memory_key_padding_mask=memory_key_padding_mask,
+                key_padding_mask=key_padding_mask,
+                past_kv=past[i] if past else None,
+            )
+            present.append(kv)
+        return self.norm(x), present

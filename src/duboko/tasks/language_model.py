@@ -1,0 +1,337 @@
+"""The language-model task: next-token prediction on a text corpus, for RNNs and GPTs alike.
+
+A model only has to follow the language-model protocol (see `duboko.nn.sampling`):
+    forward(idx (B, T), state=None) -> (logits (B, T, vocab), new_state)
+
+Data: the corpus (data.path, default the bundled Shakespeare) is cut into `split_blocks`
+contiguous blocks of text and some are held out for validation (`duboko.data.text.block_split`),
+then tokenized with a `char`, `word` or `bpe` tokenizer trained here and saved as tokenizer.json in
+the run folder. `setup(run_dir)` on an existing run loads that file instead of training a new one,
+and sets `config.model["vocab_size"]` from it before the engine builds the model.
+
+Two ways to cut the token stream into batches (`data.stateful`):
+- stateful (truncated back-propagation through time): the stream is laid out as B parallel
+  contiguous streams (Zaremba et al. 2014); batch i is columns [i·T, (i+1)·T) of them, and each
+  batch starts from the previous batch's hidden state, detached. The state is reset at each epoch
+  start. Recurrent models see context far longer than T at no extra cost.
+- reset: non-overlapping windows of T tokens in a shuffled order, each from a fresh state (what
+  a GPT trains on; its state/cache is ignored in training).
+Validation uses the same mode, so the two are comparable to how each model is trained.
+
+Metrics: loss in nats per token; `bpc` = loss / ln 2 for the char tokenizer, `perplexity` =
+exp(loss) for word/bpe; next-token `accuracy` too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from duboko import registry
+from duboko.data.text import (
+    TOKENIZER_FILE,
+    TOKENIZER_KINDS,
+    Tokenizer,
+    block_split,
+    load_tokenizer,
+    read_corpus,
+    train_tokenizer,
+)
+from duboko.errors import DubokoError, unknown_name
+from duboko.io import atomic_write_text
+from duboko.tasks import StepOutput, Task
+
+
+@dataclass
+class LMDataConfig:
+    path: str = ""  # text file(s) or folder(s), comma-separated ("" = bundled Shakespeare)
+    tokenizer: str = "char"  # char | word | bpe
+    tokenizer_vocab: int = 0  # word/bpe vocabulary size (0: 10000 word, 2000 bpe); char: all chars
+    min_freq: int = 1  # word tokenizer: rarer words become <unk>
+    seq_len: int = 128  # tokens per training sequence (BPTT length; a GPT's block size)
+    stateful: bool = True  # carry hidden state across consecutive batches (False: reset per sequence)
+    val_fraction: float = 0.1  # share of the contiguous blocks held out for validation
+    split_blocks: int = 10  # contiguous blocks the corpus is cut into for the split
+    split_seed: int = 0  # which blocks go to validation
+    max_train_tokens: int = 0  # use only the first N training tokens (0: all); for quick runs
+    max_eval_tokens: int = 0  # evaluate on the first N validation tokens (0: all)
+    eval_batch_size: int = 0  # sequences per validation batch (0: train.batch_size)
+    sample_tokens: int = 300  # tokens generated into samples/epoch_N.txt after each epoch (0: none)
+    sample_prompt: str = ""  # prompt for those samples ("": the corpus' first line)
+    sample_temperature: float = 0.8  # sampling temperature for those samples
+
+
+class LanguageModelTask(Task):
+    name = "language-model"
+    data_config = LMDataConfig
+    shown_metric = "accuracy"
+
+    def __init__(self, config: Any, device: torch.device, rank: int = 0, world_size: int = 1):
+        super().__init__(config, device, rank, world_size)
+        self.tokenizer: Tokenizer | None = None
+        self.train_ids: torch.Tensor | None = None  # (N_train,) int64, on the CPU
+        self.val_ids: torch.Tensor | None = None  # (N_val,)
+        self.prompt_text = ""
+        self._state: Any = None  # the carried hidden state in stateful training
+
+    # -- data ----------------------------------------------------------------------------------
+    @property
+    def data(self) -> LMDataConfig:
+        return self.config.data
+
+    def _check_config(self) -> None:
+        d = self.data
+        if d.tokenizer not in TOKENIZER_KINDS:
+            raise unknown_name("data.tokenizer", d.tokenizer, TOKENIZER_KINDS)
+        if d.seq_len < 1:
+            raise DubokoError(f"data.seq_len must be >= 1, got {d.seq_len}")
+
+    def setup(self, run_dir: Path | None = None) -> None:
+        self._check_config()
+        saved = Path(run_dir) / TOKENIZER_FILE if run_dir is not None else None
+        if saved is not None and saved.exists():
+            # An existing run: its tokenizer fixes the vocabulary; the corpus is read only when
+            # batches or an evaluation are asked for (so `generate` doesn't re-read it).
+            self.tokenizer = load_tokenizer(saved)
+        else:
+            self._load_data(train_new_tokenizer=True)
+        self.config.model["vocab_size"] = self.tokenizer.vocab_size
+
+    def _load_data(self, train_new_tokenizer: bool = False) -> None:
+        d = self.data
+        text = read_corpus(d.path or None)
+        train_r, val_r = block_split(len(text), d.val_fraction, d.split_blocks, d.split_seed)
+        train_texts = [text[a:b] for a, b in train_r]
+        val_texts = [text[a:b] for a, b in val_r]
+        if train_new_tokenizer:
+            # char: the vocabulary is every character of the corpus (so validation has no unknown
+            # characters); word/bpe learn from the training blocks only.
+            source = text if d.tokenizer == "char" else "".join(train_texts)
+            self.tokenizer = train_tokenizer(d.tokenizer, source, d.tokenizer_vocab, d.min_freq)
+        tok = self.tokenizer
+        self.train_ids = torch.tensor([i for t in train_texts for i in tok.encode(t)], dtype=torch.long)
+        self.val_ids = torch.tensor([i for t in val_texts for i in tok.encode(t)], dtype=torch.long)
+        if d.max_train_tokens > 0:
+            self.train_ids = self.train_ids[: d.max_train_tokens]
+        if d.max_eval_tokens > 0:
+            self.val_ids = self.val_ids[: d.max_eval_tokens]
+        first_line = text.lstrip("\n").split("\n", 1)[0][:60]
+        self.prompt_text = d.sample_prompt or (first_line + "\n")
+        T = d.seq_len
+        for name, ids in (("training", self.train_ids), ("validation", self.val_ids)):
+            if len(ids) < T + 2:
+                raise DubokoError(
+                    f"the {name} text has {len(ids)} tokens, too few for data.seq_len={T}; "
+                    "use a longer corpus or a smaller seq_len"
+                )
+
+    def _ensure_data(self) -> None:
+        if self.train_ids is None:
+            self._load_data(train_new_tokenizer=self.tokenizer is None)
+            self.config.model["vocab_size"] = self.tokenizer.vocab_size
+
+    def save_assets(self, run_dir: Path) -> None:
+        if self.tokenizer is not None:
+            self.tokenizer.save(Path(run_dir) / TOKENIZER_FILE)
+
+    # -- batches -------------------------------------------------------------------------------
+    def _local_batch(self) -> int:
+        B = self.config.train.batch_size
+        if B % self.world_size:
+            raise DubokoError(
+                f"train.batch_size={B} must divide evenly across {self.world_size} processes"
+            )
+        return B // self.world_size
+
+    def _stream_length(self) -> int:
+        """Columns per stream in the stateful layout; fixed across epochs (the random start
+        offset of each epoch is < seq_len, and seq_len tokens are kept in reserve for it)."""
+        B, T = self.config.train.batch_size, self.data.seq_len
+        return (len(self.train_ids) - 1 - T) // B
+
+    def num_train_batches(self) -> int:
+        self._ensure_data()
+        T = self.data.seq_len
+        B = self.config.train.batch_size
+        self._local_batch()
+        n = self._stream_length() // T if self.data.stateful else ((len(self.train_ids) - 1 - T) // T) // B
+        if n < 1:
+            raise DubokoError(
+                f"{len(self.train_ids)} training tokens make no full batch of "
+                f"batch_size={B} x seq_len={T}; lower one of them"
+            )
+        return n
+
+    def train_batches(self, epoch: int, start: int = 0) -> Iterator[dict[str, Any]]:
+        self._ensure_data()
+        n = self.num_train_batches()
+        T, B, b = self.data.seq_len, self.config.train.batch_size, self._local_batch()
+        g = torch.Generator().manual_seed(self.config.train.seed * 1_000_003 + epoch)
+        offset = int(torch.randint(0, T, (1,), generator=g))  # new batch boundaries every epoch
+        ids = self.train_ids
+        rows = slice(self.rank * b, (self.rank + 1) * b)
+        if self.data.stateful:
+            L = self._stream_length()
+            x_all = ids[offset: offset + B * L].view(B, L)[rows]  # (b, L): b contiguous streams
+            y_all = ids[offset + 1: offset + 1 + B * L].view(B, L)[rows]
+            for i in range(start, n):
+                cols = slice(i * T, (i + 1) * T)
+                yield {
+                    "x": x_all[:, cols].to(self.device, non_blocking=True),  # (b, T)
+                    "y": y_all[:, cols].to(self.device, non_blocking=True),
+                    "reset": i == start,  # fresh state at the epoch start (or a resume point)
+                }
+        else:
+            windows = (len(ids) - 1 - T) // T
+            starts = offset + T * torch.randperm(windows, generator=g)  # shuffled windows
+            arange = torch.arange(T)
+            for i in range(start, n):
+                s = starts[i * B: (i + 1) * B][rows]  # (b,)
+                index = s[:, None] + arange  # (b, T)
+                yield {"x": ids[index].to(self.device), "y": ids[index + 1].to(self.device), "reset": True}
+
+    # -- model ---------------------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        model = dict(self.config.model)
+        name = model.pop("name")
+        try:
+            return registry.build_model(name, model)
+        except ValueError as exc:
+            raise DubokoError(f"cannot build model {name!r}: {exc}") from exc
+
+    def training_step(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
+        x, y = batch["x"], batch["y"]
+        if self.data.stateful:
+            state = None if batch["reset"] else self._state
+            logits, new_state = model(x, state)
+            self._state = _detach(new_state)  # truncated BPTT: no gradient into the previous batch
+        else:
+            logits, _ = model(x)
+        logits = logits.float()  # (b, T, V)
+        loss = F.cross_entropy(
+            logits.flatten(0, 1), y.flatten(), label_smoothing=self.config.train.label_smoothing
+        )
+        with torch.no_grad():
+            correct = (logits.argmax(-1) == y).sum()
+        n = y.numel()
+        return StepOutput(loss, {"loss_sum": loss.detach() * n, "count": float(n), "correct": correct})
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
+        """Loss over the validation text ("test" also means it: a corpus has one held-out part)."""
+        if split not in ("val", "test"):
+            raise unknown_name("split", split, ("val", "test"))
+        self._ensure_data()
+        ids = self.val_ids
+        T = self.data.seq_len
+        B = self.data.eval_batch_size or self.config.train.batch_size
+        was_training = model.training
+        model.eval()
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        correct = 0
+        count = 0
+        try:
+            if self.data.stateful:
+                B = max(1, min(B, (len(ids) - 1) // T))
+                L = (len(ids) - 1) // B
+                xs = ids[: B * L].view(B, L)
+                ys = ids[1: B * L + 1].view(B, L)
+                state = None
+                for c in range(0, L, T):
+                    x = xs[:, c: c + T].to(self.device)
+                    y = ys[:, c: c + T].to(self.device)
+                    logits, state = model(x, state)
+                    loss_sum += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double().cpu()
+                    correct += int((logits.argmax(-1) == y).sum())
+                    count += y.numel()
+            else:
+                windows = (len(ids) - 1) // T
+                starts = torch.arange(windows) * T
+                arange = torch.arange(T)
+                for c in range(0, windows, B):
+                    index = starts[c: c + B, None] + arange
+                    x, y = ids[index].to(self.device), ids[index + 1].to(self.device)
+                    logits, _ = model(x)
+                    loss_sum += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double().cpu()
+                    correct += int((logits.argmax(-1) == y).sum())
+                    count += y.numel()
+        finally:
+            model.train(was_training)
+        loss = float(loss_sum) / max(count, 1)
+        result = {"loss": loss, self.score_name: self.score(loss), "accuracy": correct / max(count, 1)}
+        self._last_eval = (_fingerprint(model), result)
+        return result
+
+    @property
+    def score_name(self) -> str:
+        """bpc for characters, perplexity for words and BPE tokens."""
+        return "bpc" if self.data.tokenizer == "char" else "perplexity"
+
+    def score(self, loss: float) -> float:
+        return loss / math.log(2) if self.score_name == "bpc" else math.exp(min(loss, 700.0))
+
+    # -- artifacts -----------------------------------------------------------------------------
+    def sample_text(self, model: nn.Module, max_new_tokens: int, seed: int, prompt: str | None = None,
+                    temperature: float | None = None) -> str:
+        """Prompt + sampled continuation (for samples/*.txt)."""
+        from duboko.nn.sampling import generate
+
+        model = getattr(model, "module", model)  # unwrap DDP
+        prompt = self.prompt_text if prompt is None else prompt
+        prompt = prompt or "\n"
+        ids = self.tokenizer.encode(prompt)
+        new = generate(
+            model, ids, max_new_tokens,
+            temperature=self.data.sample_temperature if temperature is None else temperature,
+            seed=seed,
+        )
+        return prompt + self.tokenizer.decode(new)
+
+    def epoch_end(self, model: nn.Module, epoch: int, run_dir: Path) -> dict[str, float]:
+        if self.rank == 0 and self.data.sample_tokens > 0:
+            text = self.sample_text(model, self.data.sample_tokens, seed=self.config.train.seed + epoch)
+            atomic_write_text(Path(run_dir) / "samples" / f"epoch_{epoch}.txt", text)
+        return {}
+
+    def final_metrics(self, model: nn.Module, run_dir: Path, history: list[dict]) -> dict[str, Any]:
+        # The engine (and `duboko eval`) evaluated this very model just before: reuse that pass.
+        cached = getattr(self, "_last_eval", None)
+        m = cached[1] if cached and cached[0] == _fingerprint(model) else self.evaluate(model, "val")
+        self._ensure_data()
+        out = {
+            "val_loss": m["loss"],
+            f"val_{self.score_name}": m[self.score_name],
+            "val_accuracy": m["accuracy"],
+            "tokenizer": self.data.tokenizer,
+            "vocab_size": self.tokenizer.vocab_size,
+            "train_tokens": int(len(self.train_ids)),
+            "val_tokens": int(len(self.val_ids)),
+        }
+        if run_dir is not None and self.rank == 0 and self.data.sample_tokens > 0:
+            text = self.sample_text(model, self.data.sample_tokens, seed=self.config.train.seed)
+            atomic_write_text(Path(run_dir) / "samples" / "final.txt", text)
+        return out
+
+
+def _fingerprint(model: nn.Module) -> tuple:
+    """Identifies a model and the current values of its weights: every in-place update (an
+    optimizer step, load_state_dict) bumps a tensor's version counter."""
+    return (id(model), tuple(p._version for p in model.parameters()))
+
+
+def _detach(state: Any) -> Any:
+    """Detach a state that may be a tensor, a tuple/list of tensors, or None."""
+    if state is None:
+        return None
+    if torch.is_tensor(state):
+        return state.detach()
+    if isinstance(state, (tuple, list)):
+        return type(state)(_detach(s) for s in state)
+    return state

@@ -1,0 +1,165 @@
+"""Schedulers: equality with diffusers' DDPMScheduler/DDIMScheduler, and forward-process facts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from duboko.diffusion.schedulers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    SchedulerConfig,
+    cosine_betas,
+    make_scheduler,
+)
+from duboko.errors import DubokoError
+
+diffusers = pytest.importorskip("diffusers")
+
+SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}  # ours -> diffusers' name
+
+
+def _ours(cls, schedule, prediction, spacing="leading"):
+    return cls(SchedulerConfig(beta_schedule=schedule, prediction_type=prediction, timestep_spacing=spacing))
+
+
+def _theirs(cls, schedule, prediction, spacing="leading"):
+    return cls(
+        num_train_timesteps=1000,
+        beta_schedule=SCHEDULES[schedule],
+        prediction_type=prediction,
+        timestep_spacing=spacing,
+        clip_sample=True,
+    )
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_betas_and_alphas_match_diffusers(schedule):
+    ours = _ours(DDPMScheduler, schedule, "epsilon")
+    theirs = _theirs(diffusers.DDPMScheduler, schedule, "epsilon")
+    torch.testing.assert_close(ours.betas, theirs.betas, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ours.alphas_cumprod, theirs.alphas_cumprod, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_add_noise_and_velocity_match_diffusers(schedule):
+    torch.manual_seed(0)
+    ours = _ours(DDPMScheduler, schedule, "v_prediction")
+    theirs = _theirs(diffusers.DDPMScheduler, schedule, "v_prediction")
+    x0 = torch.rand(6, 1, 8, 8) * 2 - 1
+    noise = torch.randn_like(x0)
+    t = torch.tensor([0, 1, 10, 500, 998, 999])
+    torch.testing.assert_close(ours.add_noise(x0, noise, t), theirs.add_noise(x0, noise, t), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.get_velocity(x0, noise, t), theirs.get_velocity(x0, noise, t), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("steps", [1000, 50, 7])
+def test_ddpm_step_matches_diffusers(schedule, prediction, steps):
+    torch.manual_seed(1)
+    ours = _ours(DDPMScheduler, schedule, prediction)
+    theirs = _theirs(diffusers.DDPMScheduler, schedule, prediction)
+    ours.set_timesteps(steps)
+    theirs.set_timesteps(steps)
+    assert ours.timesteps.tolist() == theirs.timesteps.tolist()
+    sample = torch.randn(2, 1, 6, 6)
+    output = torch.randn(2, 1, 6, 6)
+    for t in [int(ours.timesteps[0]), int(ours.timesteps[len(ours.timesteps) // 2]), int(ours.timesteps[-1])]:
+        a = ours.step(output, t, sample, generator=torch.Generator().manual_seed(5))
+        b = theirs.step(output, t, sample, generator=torch.Generator().manual_seed(5)).prev_sample
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_ddim_step_matches_diffusers(schedule, prediction, spacing, eta):
+    torch.manual_seed(2)
+    ours = _ours(DDIMScheduler, schedule, prediction, spacing)
+    theirs = _theirs(diffusers.DDIMScheduler, schedule, prediction, spacing)
+    ours.set_timesteps(50)
+    theirs.set_timesteps(50)
+    assert ours.timesteps.tolist() == theirs.timesteps.tolist()
+    sample = torch.randn(2, 1, 6, 6)
+    output = torch.randn(2, 1, 6, 6)
+    noise = torch.randn(2, 1, 6, 6)
+    for t in ours.timesteps[[0, 10, 25, -1]].tolist():
+        a = ours.step(output, t, sample, eta=eta, noise=noise)
+        b = theirs.step(output, t, sample, eta=eta, variance_noise=noise).prev_sample
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_full_ddim_chain_matches_diffusers():
+    """A whole 20-step deterministic chain with a fixed toy 'network' stays equal."""
+    torch.manual_seed(3)
+    ours = _ours(DDIMScheduler, "cosine", "epsilon")
+    theirs = _theirs(diffusers.DDIMScheduler, "cosine", "epsilon")
+    ours.set_timesteps(20)
+    theirs.set_timesteps(20)
+    x = y = torch.randn(3, 1, 5, 5)
+    for t in ours.timesteps.tolist():
+        x = ours.step(0.3 * x + 0.01 * t / 1000, t, x)
+        y = theirs.step(0.3 * y + 0.01 * t / 1000, t, y).prev_sample
+    torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_forward_process_reaches_unit_variance_noise(schedule):
+    torch.manual_seed(0)
+    sched = _ours(DDPMScheduler, schedule, "epsilon")
+    assert float(sched.alphas_cumprod[-1]) < 1e-4  # almost no signal is left at t = T
+    x0 = torch.full((4000, 1, 4, 4), 0.9)  # far from noise: mean 0.9, variance 0
+    t = torch.full((4000,), sched.num_train_timesteps - 1)
+    xt = sched.add_noise(x0, torch.randn_like(x0), t)
+    assert abs(float(xt.mean())) < 0.02
+    assert abs(float(xt.var()) - 1.0) < 0.03
+    # ... while at t = 0 the image is almost untouched.
+    x1 = sched.add_noise(x0, torch.randn_like(x0), torch.zeros(4000, dtype=torch.long))
+    assert float((x1 - x0).abs().mean()) < 0.1
+
+
+def test_cosine_schedule_is_monotone_and_capped():
+    b = cosine_betas(1000)
+    assert float(b.max()) <= 0.999 + 1e-6 and float(b.min()) > 0
+    assert bool((b[1:] >= b[:-1] - 1e-7).all())
+
+
+def test_v_prediction_round_trip():
+    """x̂_0 and ε̂ recovered from the exact v target are the true x_0 and ε."""
+    torch.manual_seed(0)
+    sched = _ours(DDIMScheduler, "cosine", "v_prediction")
+    x0, eps = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    for t in (0, 300, 999):
+        tt = torch.full((2,), t)
+        xt = sched.add_noise(x0, eps, tt)
+        v = sched.training_target(x0, eps, tt)
+        x0_hat, eps_hat = sched.predict_original_and_noise(v, t, xt)
+        torch.testing.assert_close(x0_hat, x0, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(eps_hat, eps, rtol=1e-3, atol=1e-3)
+
+
+def test_perfect_denoiser_recovers_the_image_with_ddim():
+    """With the exact ε (an oracle that knows x_0), 10 DDIM steps land on x_0."""
+    torch.manual_seed(0)
+    sched = _ours(DDIMScheduler, "cosine", "epsilon")
+    x0 = torch.rand(2, 1, 4, 4) * 2 - 1
+    sched.set_timesteps(10)
+    x = torch.randn_like(x0)
+    for t in sched.timesteps.tolist():
+        a = sched.alphas_cumprod[t]
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        x = sched.step(eps, t, x)
+    torch.testing.assert_close(x, x0, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_names_and_steps_are_user_errors():
+    with pytest.raises(DubokoError, match="beta schedule 'quadratic'"):
+        DDPMScheduler(beta_schedule="quadratic")
+    with pytest.raises(DubokoError, match="prediction type"):
+        DDPMScheduler(prediction_type="sample")
+    with pytest.raises(DubokoError, match="sampler 'euler'"):
+        make_scheduler("euler")
+    with pytest.raises(DubokoError, match="1..1000, got 0"):
+        DDIMScheduler().set_timesteps(0)
