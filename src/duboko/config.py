@@ -181,7 +181,7 @@ def recipe_names() -> list[str]:
 def load_recipe_file(name_or_path: str) -> tuple[str, dict[str, Any]]:
     """Raw recipe dict from a bundled recipe name or a path to a TOML file."""
     path = Path(name_or_path)
-    if name_or_path.endswith(".toml") or path.exists():
+    if name_or_path.endswith(".toml") or path.is_file():
         if not path.is_file():
             raise DubokoError(f"recipe file {name_or_path!r} does not exist")
         text = path.read_text(encoding="utf-8")
