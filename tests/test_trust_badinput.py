@@ -171,8 +171,6 @@ def test_modes_read_as_the_same_digit(tmp_path, name):
     assert (got.int() - base.int()).abs().max().item() <= 1
 
 
-@pytest.mark.xfail(strict=True, reason="load_image_file drops alpha: a digit on a transparent background reads as a "
-                   "blank image (fix proposed to the lead: composite onto a contrasting background)")
 def test_transparent_background_reads_as_the_digit(tmp_path):
     task = ImageClassificationTask.__new__(ImageClassificationTask)
     _digit().save(tmp_path / "base.png")
@@ -184,8 +182,6 @@ def test_transparent_background_reads_as_the_digit(tmp_path):
     assert (got.int() - base.int()).abs().max().item() <= 1
 
 
-@pytest.mark.xfail(strict=True, reason="load_image_file clips float images: a [0, 1] float TIFF reads as black "
-                   "(fix proposed to the lead: scale F images in [0, 1] by 255)")
 def test_float_image_in_unit_range_reads_as_the_digit(tmp_path):
     task = ImageClassificationTask.__new__(ImageClassificationTask)
     _digit().save(tmp_path / "base.png")

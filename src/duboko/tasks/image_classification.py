@@ -196,7 +196,7 @@ class ImageClassificationTask(Task):
         try:
             with Image.open(path) as img:
                 img.load()
-                grey = img.convert("L").resize((28, 28), Image.BILINEAR)
+                grey = self._to_grey(img).resize((28, 28), Image.BILINEAR)
         except FileNotFoundError as exc:
             raise DubokoError(f"image {path!r} does not exist") from exc
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
@@ -208,6 +208,31 @@ class ImageClassificationTask(Task):
         if inverted:
             array = 255 - array
         return torch.from_numpy(array.copy()), inverted
+
+    @staticmethod
+    def _to_grey(img):
+        """Any PIL mode as 8-bit grey: float images in [0, 1] are scaled to [0, 255]; transparent
+        pixels are composited onto a background that contrasts with the opaque strokes."""
+        from PIL import Image
+        import numpy as np
+
+        if img.mode == "F":
+            array = np.asarray(img, dtype=np.float64)
+            finite = array[np.isfinite(array)]
+            if finite.size and finite.max() <= 1.0:
+                array = array * 255.0
+            return Image.fromarray(np.clip(np.nan_to_num(array), 0, 255).astype(np.uint8))
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            alpha = np.asarray(rgba.getchannel("A"), dtype=np.float64) / 255.0
+            if alpha.min() < 1.0:
+                luminance = np.asarray(rgba.convert("L"), dtype=np.float64)
+                weight = alpha.sum()
+                ink = (luminance * alpha).sum() / weight if weight > 0 else 0.0
+                background = (255, 255, 255, 255) if ink < 128 else (0, 0, 0, 255)
+                rgba = Image.alpha_composite(Image.new("RGBA", rgba.size, background), rgba)
+            return rgba.convert("L")
+        return img.convert("L")
 
     @torch.no_grad()
     def predict_files(self, model: nn.Module, paths: list[str], top: int = 3) -> list[dict]:
