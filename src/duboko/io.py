@@ -72,7 +72,15 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, meta
     """Save a flat dict of tensors as safetensors, atomically."""
     from safetensors.torch import save
 
-    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    flat: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for k, v in tensors.items():
+        v = v.detach().contiguous().cpu()
+        key = (v.untyped_storage().data_ptr(), v.storage_offset())
+        # Tied weights (one tensor under two names) are stored twice: safetensors refuses shared
+        # storage, and loading copies both into the one parameter anyway.
+        flat[k] = v.clone() if key in seen and v.numel() else v
+        seen.add(key)
     atomic_write_bytes(path, save(flat, metadata=metadata))
 
 
