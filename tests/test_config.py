@@ -52,3 +52,13 @@ def test_config_round_trips_through_json():
     cfg = C.resolve("mnist-cnn", ["epochs=2"])
     again = C.from_dict(cfg.to_dict())
     assert again.to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize("override", ["data.limit_train=-5", "data.rotation=nan", "data.std=0", "data.brightness=1.5"])
+def test_bad_data_values_are_refused_before_training(tmp_path, override):
+    from duboko.train.engine import fit
+
+    cfg = C.resolve("mnist-cnn", [override])
+    with pytest.raises(DubokoError, match="data\\."):
+        fit(cfg, tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()

@@ -62,6 +62,19 @@ class ImageClassificationTask(Task):
             raise unknown_name("data.dataset", cfg.dataset, DATASETS)
         if cfg.image_size < 4 or cfg.channels not in (1, 3):
             raise DubokoError(f"data.image_size must be >= 4 and data.channels 1 or 3, got {cfg.image_size}, {cfg.channels}")
+        for key in ("rotation", "brightness", "contrast", "mean", "std"):
+            value = getattr(cfg, key)
+            if not math.isfinite(value) or (value < 0 and key != "mean"):
+                raise DubokoError(f"data.{key} must be a finite number >= 0, got {value!r}")
+        if cfg.std <= 0:
+            raise DubokoError(f"data.std must be > 0, got {cfg.std!r}")
+        if cfg.brightness >= 1 or cfg.contrast >= 1:
+            raise DubokoError(f"data.brightness and data.contrast must be < 1, got {cfg.brightness!r}, {cfg.contrast!r}")
+        if cfg.limit_train < 0 or cfg.limit_test < 0 or cfg.eval_batch_size < 1:
+            raise DubokoError(
+                f"data.limit_train and data.limit_test must be >= 0 and data.eval_batch_size >= 1, got "
+                f"{cfg.limit_train}, {cfg.limit_test}, {cfg.eval_batch_size}"
+            )
         if not 0.0 <= cfg.val_fraction < 1.0:
             raise DubokoError(f"data.val_fraction must be in [0, 1), got {cfg.val_fraction}")
         self.class_names = list(mnist.CLASSES)
