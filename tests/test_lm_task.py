@@ -163,3 +163,11 @@ def test_bad_text_files_give_one_line_errors(tmp_path, capsys):
     assert not (tmp_path / "never").exists()
     code = main(["train", "text-lstm", "--set", "tokenizer=sentencepiece", "--out", str(tmp_path / "never")])
     assert code == 2 and "expected one of: bpe, char, word" in capsys.readouterr().err
+
+
+def test_bf16_fused_lstm_on_cpu_is_refused_clearly(corpus, tmp_path, capsys):
+    # torch's CPU LSTM kernel fails under bf16 autocast (measured with torch 2.13): say so up front.
+    code = main(["train", "text-lstm", "--set", f"data.path={corpus}", "--set", "precision=bf16",
+                 "--set", "device=cpu", "--out", str(tmp_path / "bf16")])
+    err = capsys.readouterr().err
+    assert code == 2 and "bf16" in err and "implementation=readable" in err

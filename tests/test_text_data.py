@@ -108,3 +108,23 @@ def test_several_files_and_folders(tmp_path):
     (tmp_path / "b.txt").write_text("beta\n")
     both = read_corpus(f"{tmp_path / 'a.txt'},{tmp_path / 'b.txt'}")
     assert both == read_corpus(str(tmp_path)) == "alpha\n\nbeta\n"
+
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+_BPE = None
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(min_size=1, max_size=80))
+def test_round_trip_property_any_text(text):
+    # char and word tokenizers trained on the text itself must give it back exactly ...
+    for kind in ("char", "word"):
+        tok = train_tokenizer(kind, text)
+        assert tok.decode(tok.encode(text)) == text
+    # ... and byte-level BPE gives back any text, even characters it never saw.
+    global _BPE
+    if _BPE is None:
+        _BPE = train_tokenizer("bpe", TEXT, vocab_size=300)
+    assert _BPE.decode(_BPE.encode(text)) == text

@@ -85,7 +85,7 @@ def test_causal_changing_the_future_leaves_the_past():
 
 def test_too_long_input_and_bad_config():
     model = registry.create_model("gpt-tiny", block_size=8)
-    with pytest.raises(ValueError, match="block_size"):
+    with pytest.raises(DubokoError, match="block_size"):
         model(torch.zeros(1, 9, dtype=torch.long))
     with pytest.raises(DubokoError, match="divisible"):
         registry.create_model("gpt-tiny", n_embd=130)

@@ -249,6 +249,11 @@ def run_time_to_accuracy(
                     evals.append({"epoch": len(evals) + 1, "step": state["step"], "accuracy": round(ev["accuracy"], 5),
                                   "loss": round(ev["loss"], 5), "train_seconds": round(dub_train_s, 2),
                                   "eval_seconds": round(dub_eval_s, 2)})
+                    if not progress:  # a line per evaluation, so a long run shows where it is
+                        e = evals[-1]
+                        print(f"duboko epoch {e['epoch']}: test accuracy {e['accuracy'] * 100:.2f}% after "
+                              f"{e['train_seconds']:.1f}s of training (+{e['eval_seconds']:.1f}s evaluating)",
+                              file=sys.stderr, flush=True)
                     if reached is None and ev["accuracy"] >= target:
                         reached = evals[-1]
                     if w["finished"] or (reached is not None and not run_to_end):

@@ -17,7 +17,7 @@ does).
 
 Sizes (parameters with tied weights, vocab 65 unless said):
     gpt-tiny      2 layers × 128, 4 heads, context 128         ~0.41 M
-    gpt-char      4 layers × 192, 6 heads, context 128          ~1.8 M  (shakespeare-gpt)
+    gpt-char      4 layers × 192, 6 heads, context 128          ~1.8 M  (shakespeare-gpt: 4 × 128, 0.82 M)
     gpt-mini      6 layers × 384, 6 heads, context 256         ~10.7 M
     gpt2-small   12 layers × 768, 12 heads, context 1024, vocab 50257   124.4 M (GPT-2 small)
 
@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from duboko.errors import DubokoError
 from duboko.nn.attention import (
     KV,
     POSITIONAL,
@@ -146,7 +147,11 @@ class GPT(nn.Module):
             logits, new_state = self.forward(window, None)
             return logits[:, -t:], new_state
         if state is None and t > bs:
-            raise ValueError(f"sequence length {t} exceeds block_size {bs}")
+            # Reached from a recipe with data.seq_len > model.block_size: a user mistake.
+            raise DubokoError(
+                f"sequence length {t} exceeds the model's block_size {bs}; set data.seq_len <= "
+                f"model.block_size (or raise block_size)"
+            )
         x = self.tok_emb(idx)  # (B, T, n_embd)
         x, present = self.decoder(x, past=state.layers if state is not None else None)
         logits = self.lm_head(x)  # (B, T, vocab)
@@ -364,7 +369,7 @@ register_model(
 )
 register_model(
     "gpt-char", family="transformer", model_cls=GPT, config_cls=GPTConfig,
-    description="GPT, 4 layers × 192 wide, 6 heads, context 128 (~1.8M): shakespeare-gpt",
+    description="GPT, 4 layers × 192 wide, 6 heads, context 128 (~1.8M); shakespeare-gpt narrows it to 128",
     example_input=_token_input, n_layer=4, n_head=6, n_embd=192, block_size=128,
 )
 register_model(
@@ -379,6 +384,6 @@ register_model(
 )
 register_model(
     "seq2seq", family="transformer", model_cls=Seq2Seq, config_cls=Seq2SeqConfig,
-    description="Transformer encoder-decoder, 3+3 layers × 128 wide, 4 heads (numbers-seq2seq)",
+    description="Transformer encoder-decoder, 3+3 layers × 128 wide, 4 heads (numbers-seq2seq uses 2+2)",
     example_input=_seq2seq_input,
 )

@@ -358,7 +358,7 @@ register_model(
     family="unet",
     model_cls=UNet,
     config_cls=UNetConfig,
-    description="Unconditional UNet denoiser for 28×28 MNIST (time embedding, res blocks, 7×7 attention)",
+    description="Unconditional UNet denoiser for 28×28 MNIST (patch 2, res blocks, attention at 7×7 and 4×4)",
     example_input=_unet_input,
 )
 register_model(

@@ -201,6 +201,14 @@ class LanguageModelTask(Task):
     def build_model(self) -> nn.Module:
         model = dict(self.config.model)
         name = model.pop("name")
+        fused_lstm = model.get("cell") == "lstm" and model.get("implementation") == "fused"
+        if fused_lstm and self.device.type == "cpu" and self.config.train.precision == "bf16":
+            # Measured with torch 2.13: the CPU (oneDNN) LSTM kernel raises "could not create a
+            # primitive descriptor" under bf16 autocast. GRU and RNN run.
+            raise DubokoError(
+                "train.precision='bf16' does not work with torch's fused LSTM on the CPU (its oneDNN "
+                "kernel fails); use train.precision=fp32, or model.implementation=readable"
+            )
         try:
             return registry.build_model(name, model)
         except ValueError as exc:
