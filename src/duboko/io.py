@@ -84,18 +84,27 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, meta
     atomic_write_bytes(path, save(flat, metadata=metadata))
 
 
+def read_file_bytes(path: str | os.PathLike, label: str = "") -> bytes:
+    """A file's bytes; a missing file, a folder or an unreadable file is one clear DubokoError
+    (`label`, e.g. "text file ", prefixes the path in the message)."""
+    path = Path(path)
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise DubokoError(f"{label}{path} does not exist") from exc
+    except IsADirectoryError as exc:
+        raise DubokoError(f"{label}{path} is a folder, expected a file") from exc
+    except OSError as exc:
+        raise DubokoError(f"cannot read {label}{path}: {exc.strerror or exc}") from exc
+
+
 def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Load safetensors; anything else (a pickle, a truncated file) is refused with a clear error."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise DubokoError(f"{path} does not exist") from exc
-    except OSError as exc:
-        raise DubokoError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    data = read_file_bytes(path)
     if data[:2] == b"\x80\x02" or data[:1] == b"\x80" or data[:2] == b"PK":
         raise DubokoError(
             f"{path} looks like a pickle or a torch.save zip, which duboko never loads (it can run "

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from duboko.errors import DubokoError
+from duboko.io import read_file_bytes
 
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
            0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
@@ -26,12 +27,7 @@ _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(
 def read_bytes(path: str | os.PathLike) -> bytes:
     """The decoded bytes of an IDX file, decompressing gzip when the file is gzip."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise DubokoError(f"{path} does not exist") from exc
-    except OSError as exc:
-        raise DubokoError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    raw = read_file_bytes(path)
     if raw[:2] == b"\x1f\x8b":
         try:
             return gzip.decompress(raw)

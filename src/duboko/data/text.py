@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from duboko.errors import DubokoError, unknown_name
-from duboko.io import atomic_write_json
+from duboko.io import atomic_write_json, read_file_bytes
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_KINDS = ("char", "word", "bpe")
@@ -74,14 +74,7 @@ def _expand(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path
 def read_text_file(path: str | os.PathLike) -> str:
     """One UTF-8 text file; empty, binary or unreadable files are refused, naming the file."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise DubokoError(f"text file {path} does not exist") from exc
-    except IsADirectoryError as exc:
-        raise DubokoError(f"text file {path} is a folder, expected a file") from exc
-    except OSError as exc:
-        raise DubokoError(f"cannot read text file {path}: {exc.strerror or exc}") from exc
+    data = read_file_bytes(path, "text file ")
     if not data.strip():
         raise DubokoError(f"text file {path} is empty; expected UTF-8 text to train on")
     # NUL bytes never occur in text; they do in nearly every binary format (images, archives, pickles).
