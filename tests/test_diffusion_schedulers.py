@@ -75,7 +75,8 @@ def test_ddpm_step_matches_diffusers(schedule, prediction, steps):
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
-def test_ddim_step_matches_diffusers(schedule, prediction, spacing, eta):
+@pytest.mark.parametrize("clipped", [False, True])
+def test_ddim_step_matches_diffusers(schedule, prediction, spacing, eta, clipped):
     torch.manual_seed(2)
     ours = _ours(DDIMScheduler, schedule, prediction, spacing)
     theirs = _theirs(diffusers.DDIMScheduler, schedule, prediction, spacing)
@@ -83,11 +84,13 @@ def test_ddim_step_matches_diffusers(schedule, prediction, spacing, eta):
     theirs.set_timesteps(50)
     assert ours.timesteps.tolist() == theirs.timesteps.tolist()
     sample = torch.randn(2, 1, 6, 6)
-    output = torch.randn(2, 1, 6, 6)
+    output = 3 * torch.randn(2, 1, 6, 6)  # large, like a guided ε̂: x̂_0 gets clipped
     noise = torch.randn(2, 1, 6, 6)
     for t in ours.timesteps[[0, 10, 25, -1]].tolist():
-        a = ours.step(output, t, sample, eta=eta, noise=noise)
-        b = theirs.step(output, t, sample, eta=eta, variance_noise=noise).prev_sample
+        a = ours.step(output, t, sample, eta=eta, noise=noise, use_clipped_model_output=clipped)
+        b = theirs.step(
+            output, t, sample, eta=eta, variance_noise=noise, use_clipped_model_output=clipped
+        ).prev_sample
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
@@ -163,3 +166,60 @@ def test_bad_names_and_steps_are_user_errors():
         make_scheduler("euler")
     with pytest.raises(DubokoError, match="1..1000, got 0"):
         DDIMScheduler().set_timesteps(0)
+
+
+class _ToyConditioned(torch.nn.Module):
+    """A 'denoiser' with known outputs: ε = 0.5·x for the null label, 0.5·x + label/4 otherwise,
+    and text-mode twin below, so a guided sampling step can be computed by hand."""
+
+    def __init__(self, conditioning: str):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(conditioning=conditioning, num_classes=10, in_channels=1, image_size=3)
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def null_condition(self, batch_size, device=None):
+        if self.config.conditioning == "class":
+            return torch.full((batch_size,), 10, dtype=torch.long, device=device)
+        return torch.ones(batch_size, 1, dtype=torch.long, device=device)  # [BOS]
+
+    def encode_text(self, tokens):
+        mask = tokens == 0
+        feats = (tokens * ~mask).sum(1, keepdim=True).float()[:, :, None].expand(-1, tokens.shape[1], 1)
+        return feats, mask  # feature = sum of the prompt's token ids (the null prompt: 1)
+
+    def forward(self, x, t, cond=None, *, context=None, context_mask=None):
+        if self.config.conditioning == "class":
+            shift = torch.where(cond == 10, torch.zeros_like(cond), cond).float()
+        else:
+            shift = context[:, 0, 0] - 1  # 0 for the null prompt
+        return 0.5 * x + shift[:, None, None, None] / 4 + self.w
+
+
+@pytest.mark.parametrize("conditioning", ["class", "text"])
+@pytest.mark.parametrize("clipped", [False, True])
+def test_guided_sampling_step_is_the_cfg_combination(conditioning, clipped):
+    """One guided DDIM step equals ε_u + w(ε_c - ε_u) fed to the scheduler by hand; with
+    use_clipped_model_output the ε̂ is re-derived from the clipped x̂_0 (what keeps large guidance
+    scales from saturating the samples)."""
+    from duboko.diffusion.pipeline import sample
+
+    model = _ToyConditioned(conditioning)
+    cond = torch.tensor([3, 7]) if conditioning == "class" else torch.tensor([[1, 5, 6], [1, 9, 0]])
+    w = 4.0
+    sched = _ours(DDIMScheduler, "cosine", "epsilon")
+    got = sample(model, sched, 2, cond=cond, guidance=w, num_steps=3,
+                 generator=torch.Generator().manual_seed(0), use_clipped_model_output=clipped).images
+    x = torch.randn((2, 1, 3, 3), generator=torch.Generator().manual_seed(0))
+    shift = torch.tensor([3.0, 7.0]) if conditioning == "class" else torch.tensor([11.0, 9.0])
+    ref = _ours(DDIMScheduler, "cosine", "epsilon")
+    ref.set_timesteps(3)
+    for t in ref.timesteps.tolist():
+        eps_u, eps_c = 0.5 * x, 0.5 * x + shift[:, None, None, None] / 4
+        eps = eps_u + w * (eps_c - eps_u)
+        x = ref.step(eps, t, x, use_clipped_model_output=clipped)
+    torch.testing.assert_close(got, x.clamp(-1, 1))
+    other = sample(model, sched, 2, cond=cond, guidance=w, num_steps=3,
+                   generator=torch.Generator().manual_seed(0), use_clipped_model_output=not clipped).images
+    assert not torch.allclose(other, got)  # the switch matters

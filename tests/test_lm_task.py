@@ -64,6 +64,29 @@ def test_stateful_batches_continue_each_stream(corpus):
     assert torch.equal(torch.cat([r0, r1]), batches[0]["x"])
 
 
+def test_stateful_rows_are_sometimes_reset_to_zero_state(corpus):
+    """With state_reset_prob, some rows start a batch from the zero state generation starts
+    from; the draw is a pure function of (seed, epoch, batch), and the zeroed rows really are
+    computed from zero state while the others carry theirs."""
+    from duboko.tasks.language_model import _zero_rows
+
+    task = make_task(corpus, "data.state_reset_prob=0.25")
+    batches = list(task.train_batches(epoch=0))
+    rows = torch.stack([b["reset_rows"] for b in batches])  # (n, 16)
+    assert 0.1 < float(rows.float().mean()) < 0.4
+    again = list(task.train_batches(epoch=0, start=3))
+    assert torch.equal(again[0]["reset_rows"], batches[3]["reset_rows"])
+    assert not any(b["reset_rows"].any() for b in make_task(corpus, "data.state_reset_prob=0").train_batches(0))
+
+    h, c = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    keep = torch.tensor([True, False, True, False])
+    zh, zc = _zero_rows((h, c), keep)
+    assert zh[:, keep].abs().sum() == 0 and zc[:, keep].abs().sum() == 0
+    assert torch.equal(zh[:, ~keep], h[:, ~keep]) and torch.equal(zc[:, ~keep], c[:, ~keep])
+    with pytest.raises(Exception, match="state_reset_prob"):
+        make_task(corpus, "data.state_reset_prob=1.5")
+
+
 def test_reset_batches_are_shuffled_windows(corpus):
     task = make_task(corpus, "data.stateful=false")
     batches = list(task.train_batches(epoch=0))
@@ -131,7 +154,7 @@ def test_tiny_end_to_end_lowers_loss_and_reloads(corpus, tmp_path):
 
 @pytest.mark.parametrize("kind", ["word", "bpe"])
 def test_word_and_bpe_runs_and_next_word(kind, corpus, tmp_path, capsys):
-    cfg = resolve("text-lstm", [f"data.path={corpus}", *SMALL, f"tokenizer={kind}", "data.tokenizer_vocab=500",
+    cfg = resolve("text-lstm", [f"data.path={corpus}", *SMALL, f"tokenizer={kind}", "data.vocab_size=500",
                                 "train.epochs=1", "data.seq_len=16"])
     metrics = fit(cfg, tmp_path / "w", quiet=True)
     assert metrics["vocab_size"] == 500 and metrics["val_perplexity"] == pytest.approx(math.exp(metrics["val_loss"]))

@@ -89,3 +89,20 @@ def test_existing_run_folder_is_not_overwritten(tmp_path, tiny_cnn_overrides):
     assert (out / "model.safetensors").read_bytes() == before
     with pytest.raises(DubokoError, match="already finished"):
         fit(C.resolve("mnist-cnn", tiny_cnn_overrides + ["epochs=1", "data.limit_train=64"]), out, resume=True, quiet=True)
+
+
+def test_precision_auto_resolves_for_the_hardware(tmp_path, tiny_cnn_overrides):
+    """`train.precision=auto` is bf16 only where it is native (else fp32), recorded in metrics.json;
+    fp16 off CUDA is a clear user error."""
+    from duboko.errors import DubokoError
+    from duboko.precision import best_precision, resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == best_precision(cpu) in ("fp32", "bf16")
+    assert resolve_precision("fp32", cpu) == "fp32"
+    with pytest.raises(DubokoError, match="fp16"):
+        resolve_precision("fp16", cpu)
+    metrics = _fit(tmp_path / "run", tiny_cnn_overrides + ["data.limit_train=64", "epochs=1", "precision=auto"])
+    assert metrics["precision"] == best_precision(cpu)
+    with pytest.raises(DubokoError, match="precision"):
+        C.resolve("mnist-cnn", ["precision=fp8"])

@@ -128,7 +128,7 @@ def test_end_to_end_language_model_run(tmp_path, capsys):
     lines = [f"{who}: to be, or not to be, that is the question {i}.\n" for i, who in
              zip(range(300), ["HAMLET", "OPHELIA", "KING"] * 100)]
     corpus.write_text("".join(lines), encoding="utf-8")
-    for tokenizer, extra in (("char", []), ("bpe", ["tokenizer_vocab=300"])):
+    for tokenizer, extra in (("char", []), ("bpe", ["vocab_size=300"])):
         cfg = C.resolve("shakespeare-gpt", [
             f"path={corpus}", f"tokenizer={tokenizer}", *extra, "max_steps=4", "batch_size=8",
             "seq_len=32", "block_size=32", "n_layer=1", "n_embd=32", "n_head=2", "sample_tokens=10",
@@ -137,6 +137,8 @@ def test_end_to_end_language_model_run(tmp_path, capsys):
         metrics = fit(cfg, run, quiet=True)
         assert metrics["steps"] == 4 and metrics["val_loss"] > 0
         assert metrics["vocab_size"] == cfg.model["vocab_size"]
+        if tokenizer == "bpe":  # `--set vocab_size` sized the tokenizer (the model follows it)
+            assert cfg.data.vocab_size == 300 and 60 < metrics["vocab_size"] <= 300
     run = tmp_path / "gpt-char"
     assert main(["generate", str(run), "--prompt", "HAMLET:", "--max-new-tokens", "20",
                  "--temperature", "0.8", "--top-p", "0.95", "--seed", "0"]) == 0
@@ -155,3 +157,18 @@ def test_mfu_estimate():
     tps = 1e12 / model.flops_per_token()  # exactly 1 TFLOP/s
     assert estimate_mfu(model, tps * 989, "NVIDIA H100 80GB HBM3") == pytest.approx(1.0)
     assert estimate_mfu(model, tps, "cpu") is None
+
+
+def test_vocab_size_override_goes_to_the_tokenizer_and_seq_len_is_checked(tmp_path):
+    """`--set vocab_size=N` (the issue's spelling) sets the tokenizer's size, not the model field
+    the task derives; a training window longer than the model's context is refused up front."""
+    from duboko import config as C
+    from duboko.tasks import get_task_cls
+
+    cfg = C.resolve("shakespeare-gpt", ["tokenizer=bpe", "vocab_size=2048"])
+    assert cfg.data.vocab_size == 2048
+    with pytest.raises(DubokoError, match="model.vocab_size"):
+        C.resolve("shakespeare-gpt", ["model.vocab_size=2048"])
+    cfg = C.resolve("shakespeare-gpt", ["seq_len=256"])  # block_size stays 128
+    with pytest.raises(DubokoError, match=r"seq_len=256 .*block_size=128"):
+        get_task_cls(cfg.task)(cfg, torch.device("cpu")).setup()

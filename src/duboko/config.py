@@ -48,7 +48,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # exponential moving average of weights (0: off), e.g. 0.999
     seed: int = 0  # seeds every RNG; the same seed gives the same run on CPU
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps
-    precision: str = "fp32"  # fp32 | bf16 (autocast, fp32 master weights) | fp16 (cuda only)
+    precision: str = "fp32"  # fp32 | bf16 (autocast, fp32 master weights) | fp16 (cuda only) | auto (bf16 where native)
     channels_last: bool = False  # channels-last memory format for conv nets
     compile: bool = False  # torch.compile the model (measure first: it slowed MY_NET on CPU)
     num_threads: int = 0  # CPU threads for torch (0: torch's default)
@@ -217,6 +217,7 @@ def _section_keys(raw: dict[str, Any], task_data_cls: type) -> dict[str, set[str
     model_keys = {"name"}
     if model_name:
         model_keys |= set(registry.config_fields(registry.get_spec(model_name)))
+    model_keys -= set(getattr(task_data_cls, "derived_model_keys", ()))  # set by the task, not the user
     return {
         "model": model_keys,
         "data": {f.name for f in dataclasses.fields(task_data_cls)},
@@ -237,6 +238,10 @@ def apply_overrides(
             section, sub = key.split(".", 1)
             if section not in SECTIONS:
                 raise DubokoError(f"unknown section in {key!r}; expected one of: {', '.join(SECTIONS)}")
+            if section == "model" and sub in getattr(task_data_cls, "derived_model_keys", ()):
+                raise DubokoError(
+                    f"{key!r} is derived by the task (from its data); set data.{sub} instead"
+                )
             if sub not in keys[section]:
                 raise DubokoError(
                     f"unknown key {key!r}; valid keys in [{section}]: {', '.join(sorted(keys[section]))}"
@@ -304,8 +309,16 @@ def resolve_dict(raw: dict[str, Any], name: str, overrides: list[tuple[str, Any]
     )
 
 
+# Keys renamed since runs were first written: (section, old, new). Old run folders still load.
+RENAMED_KEYS = [("data", "tokenizer_vocab", "vocab_size")]
+
+
 def from_dict(d: dict[str, Any]) -> RunConfig:
     """Rebuild a RunConfig from a run folder's `config.json`."""
+    d = dict(d)
+    for section, old, new in RENAMED_KEYS:
+        if isinstance(d.get(section), dict) and old in d[section]:
+            d[section] = {(new if k == old else k): v for k, v in d[section].items()}
     return resolve_dict(
         {k: d[k] for k in ("description", "task", "model", "data", "train") if k in d} | {"recipe": d.get("recipe", "run")},
         d.get("recipe", "run"),
@@ -316,7 +329,7 @@ CHOICES = {
     "optimizer": ("sgd", "adam", "adamw", "rmsprop"),
     "schedule": ("constant", "cosine", "onecycle"),
     "loss": ("auto", "cross_entropy", "bce", "mse"),
-    "precision": ("fp32", "bf16", "fp16"),
+    "precision": ("auto", "fp32", "bf16", "fp16"),
     "nonfinite": ("stop", "skip"),
 }
 

@@ -7,6 +7,7 @@ as safetensors (no pickle, no code execution on load).
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -123,3 +124,23 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def read_csv_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a CSV file with a header, numbers parsed (int, else float, else the text);
+    [] when the file does not exist."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _number(text: str) -> Any:
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            return text

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from duboko.precision import best_precision, cpu_bf16_native  # noqa: F401 (re-exported)
 from duboko.errors import DubokoError
 
 # ---------------------------------------------------------------------------------------------
@@ -39,15 +40,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def cpu_bf16_native() -> bool:
-    """True when oneDNN has native bfloat16 kernels on this CPU (AVX-512 BF16 / AMX); without them
-    bf16 autocast on a CPU is emulated and several times slower than float32."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def hardware(device: torch.device) -> dict[str, Any]:
@@ -70,16 +62,6 @@ def hardware(device: torch.device) -> dict[str, Any]:
     except OSError:
         pass
     return info
-
-
-def best_precision(device: torch.device) -> str:
-    """bf16 where the hardware computes it natively (CUDA with bf16, CPUs with AVX-512 BF16/AMX),
-    else fp32: emulated bf16 would be a slow-down, not a speed-up."""
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu":
-        return "bf16" if cpu_bf16_native() else "fp32"
-    return "fp32"
 
 
 def peak_memory_mb(device: torch.device) -> dict[str, float]:
@@ -166,7 +148,7 @@ class EngineTrainer:
     def run(self, n_batches: int, stop_at_epoch_end: bool = False) -> dict[str, float]:
         """Train up to `n_batches` steps (fewer when the schedule ends, or at an epoch's end when
         `stop_at_epoch_end`); data preparation is included in the time."""
-        from duboko.train.engine import _autocast
+        from duboko.precision import autocast as _autocast
         from duboko.train.optim import lr_factor, set_lr
 
         tcfg = self.cfg.train

@@ -64,12 +64,15 @@ def sample(
     device: torch.device | str | None = None,
     keep_every: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    use_clipped_model_output: bool = True,
 ) -> SampleResult:
     """Draw `num_images` samples. `cond`: labels (N,) or prompt tokens (N, L) for conditioned
     models (None: unconditional). `guidance` > 1 applies classifier-free guidance (needs `cond`).
     `keep_every` > 0 keeps x_t and x̂_0 every that many steps (for trajectory pictures). The
     initial noise and any sampler noise come from `generator` (CPU), so a seed gives the same
-    images on any device up to float rounding."""
+    images on any device up to float rounding. `use_clipped_model_output` (DDIM): re-derive ε̂
+    from the clipped x̂_0, as GLIDE does; without it a large guidance scale drives the samples to
+    saturated noise (measured: see docs/diffusion.md)."""
     cfg = getattr(model, "config", None)
     if image_shape is None:
         if cfg is None:
@@ -101,7 +104,7 @@ def sample(
             x0, _ = scheduler.predict_original_and_noise(out, t, x)
             predictions.append((t, x0.clamp(-1, 1).cpu()))
         if isinstance(scheduler, DDIMScheduler):
-            x = scheduler.step(out, t, x, eta=eta, generator=generator)
+            x = scheduler.step(out, t, x, eta=eta, generator=generator, use_clipped_model_output=use_clipped_model_output)
         else:
             x = scheduler.step(out, t, x, generator=generator)
         if progress is not None:

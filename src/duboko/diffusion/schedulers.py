@@ -208,7 +208,14 @@ class DDIMScheduler(NoiseScheduler):
         # ᾱ "before" t = 0: 1 (a clean image) as in diffusers' default set_alpha_to_one=True.
         self.final_alpha_cumprod = self.one if set_alpha_to_one else self.alphas_cumprod[0]
 
-    def step(self, model_output, timestep, sample, eta: float = 0.0, generator=None, noise=None) -> torch.Tensor:
+    def step(
+        self, model_output, timestep, sample, eta: float = 0.0, generator=None, noise=None,
+        use_clipped_model_output: bool = False,
+    ) -> torch.Tensor:
+        """One DDIM step. `use_clipped_model_output` re-derives ε̂ from the clipped x̂_0 (GLIDE's
+        choice, diffusers' argument of the same name): x_t = √ᾱ x̂_0 + √(1-ᾱ) ε̂ then still holds,
+        which keeps a guided ε̂ (often of norm well above 1 when the guidance scale is large)
+        from pushing x_{t'} off the noise level the network expects at the next step."""
         t = int(timestep)
         prev_t = self.previous_timestep(t)
         a_t = self.alphas_cumprod[t]
@@ -216,6 +223,8 @@ class DDIMScheduler(NoiseScheduler):
         b_t, b_prev = 1 - a_t, 1 - a_prev
         x0, eps = self.predict_original_and_noise(model_output, t, sample)
         x0 = self._clip(x0)
+        if use_clipped_model_output:
+            eps = (sample - a_t**0.5 * x0) / b_t**0.5
         var = (b_prev / b_t) * (1 - a_t / a_prev)  # σ²/eta² (eq. 16)
         std = eta * var**0.5
         direction = (1 - a_prev - std**2) ** 0.5 * eps  # "direction pointing to x_t"

@@ -32,15 +32,14 @@ class RunCurves:
 
 
 def load_run_curves(path: str | Path) -> RunCurves:
-    from duboko.io import read_json
-    from duboko.train.run import read_history
+    from duboko.io import read_csv_rows, read_json
 
     folder = Path(path)
     if not folder.is_dir():
         raise DubokoError(f"run folder {str(folder)!r} does not exist")
     if not (folder / "history.csv").is_file():
         raise DubokoError(f"{str(folder)!r} has no history.csv; is it a `duboko train` run folder?")
-    history = read_history(folder)
+    history = read_csv_rows(folder / "history.csv")
     if not history:
         raise DubokoError(f"{folder / 'history.csv'} has no epochs yet")
     config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}

@@ -28,7 +28,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -51,12 +51,21 @@ from duboko.tasks import StepOutput, Task
 
 @dataclass
 class LMDataConfig:
+    # The model's vocab_size is the tokenizer's, set by the task: `--set vocab_size=N` means this
+    # section's (the tokenizer's target size), never the model field.
+    derived_model_keys: ClassVar[tuple[str, ...]] = ("vocab_size",)
+
     path: str = ""  # text file(s) or folder(s), comma-separated ("" = bundled Shakespeare)
     tokenizer: str = "char"  # char | word | bpe
-    tokenizer_vocab: int = 0  # word/bpe vocabulary size (0: 10000 word, 2000 bpe); char: all chars
+    vocab_size: int = 0  # word/bpe vocabulary size to learn (0: 10000 word, 2000 bpe); char: all chars
     min_freq: int = 1  # word tokenizer: rarer words become <unk>
     seq_len: int = 128  # tokens per training sequence (BPTT length; a GPT's block size)
     stateful: bool = True  # carry hidden state across consecutive batches (False: reset per sequence)
+    # Stateful only: each row's carried state is zeroed with this probability per batch, so the
+    # model also learns to start from the zero state that generation starts from (measured: with
+    # the state never reset, a trained LSTM's first ~10 predictions from zero state are noise and
+    # sampled text never recovers).
+    state_reset_prob: float = 0.02
     val_fraction: float = 0.1  # share of the contiguous blocks held out for validation
     split_blocks: int = 10  # contiguous blocks the corpus is cut into for the split
     split_seed: int = 0  # which blocks go to validation
@@ -92,6 +101,14 @@ class LanguageModelTask(Task):
             raise unknown_name("data.tokenizer", d.tokenizer, TOKENIZER_KINDS)
         if d.seq_len < 1:
             raise DubokoError(f"data.seq_len must be >= 1, got {d.seq_len}")
+        if not 0.0 <= d.state_reset_prob <= 1.0:
+            raise DubokoError(f"data.state_reset_prob must be in [0, 1], got {d.state_reset_prob}")
+        block = self.config.model.get("block_size")
+        if block is not None and d.seq_len > int(block):
+            raise DubokoError(
+                f"data.seq_len={d.seq_len} is longer than the model's context model.block_size={block}; "
+                f"lower seq_len or also --set block_size={d.seq_len}"
+            )
 
     def setup(self, run_dir: Path | None = None) -> None:
         self._check_config()
@@ -114,7 +131,7 @@ class LanguageModelTask(Task):
             # char: the vocabulary is every character of the corpus (so validation has no unknown
             # characters); word/bpe learn from the training blocks only.
             source = text if d.tokenizer == "char" else "".join(train_texts)
-            self.tokenizer = train_tokenizer(d.tokenizer, source, d.tokenizer_vocab, d.min_freq)
+            self.tokenizer = train_tokenizer(d.tokenizer, source, d.vocab_size, d.min_freq)
         tok = self.tokenizer
         self.train_ids = torch.tensor([i for t in train_texts for i in tok.encode(t)], dtype=torch.long)
         self.val_ids = torch.tensor([i for t in val_texts for i in tok.encode(t)], dtype=torch.long)
@@ -181,12 +198,16 @@ class LanguageModelTask(Task):
             L = self._stream_length()
             x_all = ids[offset: offset + B * L].view(B, L)[rows]  # (b, L): b contiguous streams
             y_all = ids[offset + 1: offset + 1 + B * L].view(B, L)[rows]
+            # Which rows start from zero state at each batch: drawn for all batches up front from
+            # the epoch's generator, so a resumed epoch draws the same rows.
+            row_resets = torch.rand(n, B, generator=g)[:, rows] < self.data.state_reset_prob  # (n, b)
             for i in range(start, n):
                 cols = slice(i * T, (i + 1) * T)
                 yield {
                     "x": x_all[:, cols].to(self.device, non_blocking=True),  # (b, T)
                     "y": y_all[:, cols].to(self.device, non_blocking=True),
                     "reset": i == start,  # fresh state at the epoch start (or a resume point)
+                    "reset_rows": row_resets[i].to(self.device),  # (b,) bool
                 }
         else:
             windows = (len(ids) - 1 - T) // T
@@ -202,7 +223,10 @@ class LanguageModelTask(Task):
         model = dict(self.config.model)
         name = model.pop("name")
         fused_lstm = model.get("cell") == "lstm" and model.get("implementation") == "fused"
-        if fused_lstm and self.device.type == "cpu" and self.config.train.precision == "bf16":
+        from duboko.precision import resolve_precision
+
+        precision = resolve_precision(self.config.train.precision, self.device)
+        if fused_lstm and self.device.type == "cpu" and precision == "bf16":
             # Measured with torch 2.13: the CPU (oneDNN) LSTM kernel raises "could not create a
             # primitive descriptor" under bf16 autocast. GRU and RNN run.
             raise DubokoError(
@@ -218,6 +242,8 @@ class LanguageModelTask(Task):
         x, y = batch["x"], batch["y"]
         if self.data.stateful:
             state = None if batch["reset"] else self._state
+            if state is not None and "reset_rows" in batch:
+                state = _zero_rows(state, batch["reset_rows"])
             logits, new_state = model(x, state)
             self._state = _detach(new_state)  # truncated BPTT: no gradient into the previous batch
         else:
@@ -332,6 +358,15 @@ def _fingerprint(model: nn.Module) -> tuple:
     """Identifies a model and the current values of its weights: every in-place update (an
     optimizer step, load_state_dict) bumps a tensor's version counter."""
     return (id(model), tuple(p._version for p in model.parameters()))
+
+
+def _zero_rows(state: Any, rows: torch.Tensor) -> Any:
+    """Zero the batch rows `rows` (b,) bool of a state: a (layers, b, H) tensor or a tuple of them."""
+    if torch.is_tensor(state):
+        return state.masked_fill(rows[None, :, None], 0.0) if bool(rows.any()) else state
+    if isinstance(state, (tuple, list)):
+        return type(state)(_zero_rows(s, rows) for s in state)
+    return state
 
 
 def _detach(state: Any) -> Any:

@@ -14,7 +14,6 @@ import os
 import random
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from duboko.tasks import get_task_cls
 from duboko.train import checkpoint as ckpt
 from duboko.train import distributed as D
 from duboko.train.optim import build_optimizer, lr_factor, set_lr
+from duboko.precision import autocast, resolve_precision
 from duboko.train.run import CONFIG, METRICS, pick_device, save_weights, write_history, write_manifest
 
 
@@ -86,13 +86,7 @@ def summary_line(epoch: int, train: dict[str, float], val: dict[str, float], sec
 
 
 def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return nullcontext()
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if device.type != "cuda":
-        raise DubokoError(f"train.precision 'fp16' needs a CUDA GPU (device is {device}); use bf16 or fp32")
-    return torch.autocast("cuda", dtype=torch.float16)
+    return autocast(device, precision)  # kept for callers of the old name
 
 
 def prepare_run_dir(out: Path, resume: bool, overwrite: bool, is_main: bool) -> None:
@@ -161,7 +155,8 @@ def fit(
             model = model.to(memory_format=torch.channels_last)
         ema = EMA(model, tcfg.ema_decay) if tcfg.ema_decay > 0 else None
         optimizer = build_optimizer(model, tcfg, device)
-        scaler = torch.amp.GradScaler("cuda") if tcfg.precision == "fp16" else None
+        precision = resolve_precision(tcfg.precision, device)  # "auto": bf16 only where native
+        scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
         steps_per_epoch = task.num_train_batches()
         if steps_per_epoch < 1:
@@ -214,7 +209,7 @@ def fit(
         n_params = sum(p.numel() for p in model.parameters())
         show(
             f"{cfg.recipe}: {cfg.model['name']} ({n_params:,} parameters) on {device}"
-            f"{f' × {info.world_size} ranks' if info.enabled else ''}, {tcfg.precision}, "
+            f"{f' × {info.world_size} ranks' if info.enabled else ''}, {precision}, "
             f"batch {tcfg.batch_size} (per rank {math.ceil(tcfg.batch_size / info.world_size)}), "
             f"lr {tcfg.lr:g}, {epochs} epoch(s) × {steps_per_epoch} steps -> {out}"
         )
@@ -258,7 +253,7 @@ def fit(
             for batch in task.train_batches(epoch, start=st["batch"]):
                 lr = tcfg.lr * lr_factor(tcfg, st["step"], total_steps)
                 set_lr(optimizer, lr)
-                with _autocast(device, tcfg.precision):
+                with autocast(device, precision):
                     outcome = task.training_step(train_model, batch)
                 loss = outcome.loss
                 finite = torch.isfinite(loss.detach())
@@ -391,6 +386,7 @@ def fit(
                 "parameters": n_params,
                 "world_size": info.world_size,
                 "global_batch_size": tcfg.batch_size,
+                "precision": precision,
                 "skipped_steps": st["skipped_steps"],
             })
             if in_sync is not None:

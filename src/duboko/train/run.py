@@ -14,7 +14,15 @@ from torch import nn
 
 from duboko import config as C
 from duboko.errors import DubokoError
-from duboko.io import atomic_write_json, atomic_write_text, load_tensors, read_json, save_tensors, sha256_file
+from duboko.io import (
+    atomic_write_json,
+    atomic_write_text,
+    load_tensors,
+    read_csv_rows,
+    read_json,
+    save_tensors,
+    sha256_file,
+)
 
 CONFIG, METRICS, HISTORY, WEIGHTS, MANIFEST = "config.json", "metrics.json", "history.csv", "model.safetensors", "manifest.json"
 CHECKED = (CONFIG, METRICS, HISTORY, WEIGHTS, "state.safetensors")
@@ -33,24 +41,8 @@ def write_history(run_dir: Path, rows: list[dict]) -> None:
 
 
 def read_history(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / HISTORY
-    if not path.exists():
-        return []
-    rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            rows.append({k: _number(v) for k, v in row.items()})
-    return rows
-
-
-def _number(text: str) -> Any:
-    try:
-        return int(text)
-    except ValueError:
-        try:
-            return float(text)
-        except ValueError:
-            return text
+    """The rows of a run folder's history.csv (numbers parsed); [] when there is none."""
+    return read_csv_rows(Path(run_dir) / HISTORY)
 
 
 def save_weights(run_dir: Path, model: nn.Module, cfg: C.RunConfig) -> None:
