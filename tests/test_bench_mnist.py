@@ -93,3 +93,11 @@ def test_cli_user_errors_are_one_line(capsys, argv, words):
     code = main(["bench", "mnist", "--in-process", *argv])
     err = capsys.readouterr().err
     assert code == 2 and words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_recipe_precision_auto_runs_in_the_bench():
+    """`--precision recipe` with a recipe that says precision=auto: the bench resolves it as the
+    engine does (it used to reach autocast unresolved and fail as if it were fp16)."""
+    r = run_throughput(pairs=1, window=1, warmup=0, overrides=TINY_SET + ["precision=auto"], precision="recipe",
+                       reference=TINY_REF, subprocess=False, progress=False)
+    assert r["duboko"]["images"] == 16 and r["duboko"]["images_per_s"] > 0

@@ -148,10 +148,11 @@ class EngineTrainer:
     def run(self, n_batches: int, stop_at_epoch_end: bool = False) -> dict[str, float]:
         """Train up to `n_batches` steps (fewer when the schedule ends, or at an epoch's end when
         `stop_at_epoch_end`); data preparation is included in the time."""
-        from duboko.precision import autocast as _autocast
+        from duboko.precision import autocast, resolve_precision
         from duboko.train.optim import lr_factor, set_lr
 
         tcfg = self.cfg.train
+        precision = resolve_precision(tcfg.precision, self.device)  # a recipe may say "auto"
         self.model.train()
         sums: dict[str, float] = {}
         stats_t: dict[str, torch.Tensor] = {}
@@ -165,7 +166,7 @@ class EngineTrainer:
                 break
             batch = self._next_batch()
             set_lr(self.optimizer, tcfg.lr * lr_factor(tcfg, self.step, self.total_steps))
-            with _autocast(self.device, tcfg.precision):
+            with autocast(self.device, precision):
                 out = self.task.training_step(self.train_model, batch)
             if not bool(torch.isfinite(out.loss.detach())):
                 raise DubokoError(f"the loss became {out.loss.item()} at step {self.step + 1} of the benchmark")

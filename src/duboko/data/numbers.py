@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from duboko.errors import DubokoError
-from duboko.io import atomic_write_json, read_json
+from duboko.io import atomic_write_json, read_file_bytes, read_json
 
 # ---------------------------------------------------------------------------------------------
 # Integers <-> English words.
@@ -165,16 +165,11 @@ def number_pairs(numbers: Iterable[int], direction: str) -> list[tuple[str, str]
 def read_tsv_pairs(path: str | os.PathLike) -> list[tuple[str, str]]:
     """`source<TAB>target` lines (UTF-8; blank lines and lines starting with # skipped)."""
     path = Path(path).expanduser()
+    data = read_file_bytes(path, "pairs file ")  # missing / folder / unreadable: one clear error
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise DubokoError(f"pairs file {path} does not exist; expected a TSV of source<TAB>target lines") from exc
-    except IsADirectoryError as exc:
-        raise DubokoError(f"pairs file {path} is a folder; expected a TSV file") from exc
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DubokoError(f"pairs file {path} is not UTF-8 text (bad byte at offset {exc.start})") from exc
-    except OSError as exc:
-        raise DubokoError(f"cannot read pairs file {path}: {exc.strerror or exc}") from exc
     pairs = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.startswith("#"):

@@ -363,7 +363,7 @@ def _fingerprint(model: nn.Module) -> tuple:
 def _zero_rows(state: Any, rows: torch.Tensor) -> Any:
     """Zero the batch rows `rows` (b,) bool of a state: a (layers, b, H) tensor or a tuple of them."""
     if torch.is_tensor(state):
-        return state.masked_fill(rows[None, :, None], 0.0) if bool(rows.any()) else state
+        return state.masked_fill(rows[None, :, None], 0.0)  # no `rows.any()` check: it would sync a GPU
     if isinstance(state, (tuple, list)):
         return type(state)(_zero_rows(s, rows) for s in state)
     return state

@@ -85,10 +85,6 @@ def summary_line(epoch: int, train: dict[str, float], val: dict[str, float], sec
     return f"[Epoch {epoch}] " + " | ".join(parts) + f" | {seconds:.1f}s"
 
 
-def _autocast(device: torch.device, precision: str):
-    return autocast(device, precision)  # kept for callers of the old name
-
-
 def prepare_run_dir(out: Path, resume: bool, overwrite: bool, is_main: bool) -> None:
     if resume:
         if not (out / ckpt.STATE_FILE).exists():
