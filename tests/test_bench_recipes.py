@@ -26,6 +26,17 @@ def test_lm_bench_counts_tokens(capsys):
     assert row["items_per_s"] > 0 and row["steps_per_s"] > 0 and "rss_peak_mb" in row["memory"]
 
 
+def test_a_recipes_thread_count_does_not_leak_into_the_next():
+    import torch
+
+    before = torch.get_num_threads()
+    r = recipes.run_family("lm", recipes=["shakespeare-word-lstm", "shakespeare-gpt"], overrides=["batch_size=2"],
+                           windows=1, window=1, warmup=0, progress=False)
+    threads = {row["recipe"]: row["torch_threads"] for row in r["recipes"]}
+    assert threads == {"shakespeare-word-lstm": 1, "shakespeare-gpt": before}  # gpt's recipe sets none
+    assert torch.get_num_threads() == before and r["hardware"]["torch_threads"] == before
+
+
 def test_diffusion_bench_times_both_samplers():
     r = recipes.run_family("diffusion", recipes=["mnist-diffusion"], overrides=["batch_size=2", "data.limit_train=1200"],
                            windows=1, window=1, warmup=0, samples=1, ddpm_steps=4, ddim_steps=2, progress=False)

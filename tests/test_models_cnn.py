@@ -1,8 +1,8 @@
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from duboko import registry
+from duboko.bench.reference import PrimerNet
 
 EXPECTED = {"conv1": 896, "conv2": 18_496, "conv3": 73_856, "fc1": 9_437_696, "fc2": 5_130}
 
@@ -18,29 +18,6 @@ def test_my_net_shapes_and_parameter_counts():
     assert registry.create_model("my_net", num_classes=7)(x).shape == (2, 7)
 
 
-class PrimerNet(nn.Module):
-    """The primer's own MY_NET code, as a user would have written it."""
-
-    def __init__(self, num_classes=10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 32, kernel_size=3, padding=1)
-        self.conv2 = nn.Conv2d(32, 64, kernel_size=3, padding=1)
-        self.pool1 = nn.MaxPool2d(2, 2)
-        self.conv3 = nn.Conv2d(64, 128, kernel_size=3, padding=1)
-        self.pool2 = nn.MaxPool2d(2, 2)
-        self.fc1 = nn.Linear(128 * 12 * 12, 512)
-        self.fc2 = nn.Linear(512, num_classes)
-        self.dropout = nn.Dropout(0.5)
-
-    def forward(self, x):
-        x = F.relu(self.conv1(x))
-        x = self.pool1(F.relu(self.conv2(x)))
-        x = self.pool2(F.relu(self.conv3(x)))
-        x = x.view(x.size(0), -1)
-        x = self.dropout(F.relu(self.fc1(x)))
-        return self.fc2(x)
-
-
 def test_primer_state_dict_loads_and_gives_same_outputs():
     torch.manual_seed(0)
     primer = PrimerNet().eval()
@@ -48,6 +25,24 @@ def test_primer_state_dict_loads_and_gives_same_outputs():
     ours.load_state_dict(primer.state_dict())  # strict: same names and shapes
     x = torch.randn(3, 3, 48, 48)
     torch.testing.assert_close(ours(x), primer(x))
+
+
+def test_relu_after_pool_gives_the_primers_gradients():
+    """duboko's forward pools before the ReLU and runs ReLU in place; values and gradients must be
+    the primer's (ties at exactly zero included: ReLU's gradient there is zero either way)."""
+    torch.manual_seed(1)
+    primer = PrimerNet(image_size=16)
+    ours = registry.create_model("my_net", image_size=16)
+    ours.load_state_dict(primer.state_dict())
+    x = torch.randn(4, 3, 16, 16)
+    x[0, :, :4, :4] = 0.0  # whole pooling windows of zeros / negatives
+    y = torch.tensor([0, 3, 5, 9])
+    for model in (primer, ours):
+        model.train()
+        torch.manual_seed(2)  # same dropout mask
+        F.cross_entropy(model(x), y).backward()
+    for (name, p), q in zip(primer.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_bad_model_names_and_fields():

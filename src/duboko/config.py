@@ -34,6 +34,7 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs)
     batch_size: int = 64  # global batch size (split across ranks under torchrun)
     optimizer: str = "adam"  # sgd | adam | adamw | rmsprop
+    optimizer_impl: str = "auto"  # auto (fused where torch has it, else foreach) | fused | foreach | loop
     lr: float = 1e-3  # peak learning rate
     weight_decay: float = 0.0  # L2 (sgd/adam/rmsprop) or decoupled (adamw) weight decay
     momentum: float = 0.9  # sgd and rmsprop momentum
@@ -52,6 +53,7 @@ class TrainConfig:
     channels_last: bool = False  # channels-last memory format for conv nets
     compile: bool = False  # torch.compile the model (measure first: it slowed MY_NET on CPU)
     num_threads: int = 0  # CPU threads for torch (0: torch's default)
+    retain_cpu_memory: bool = True  # CPU: glibc malloc keeps freed memory (no page faults per step)
     log_grad_norms: bool = False  # per-layer gradient norms in history.csv (always in TensorBoard)
     log_every: int = 50  # TensorBoard scalars every N steps
     checkpoint_every: int = 0  # also save training state every N steps (0: at epoch ends only)
@@ -327,6 +329,7 @@ def from_dict(d: dict[str, Any]) -> RunConfig:
 
 CHOICES = {
     "optimizer": ("sgd", "adam", "adamw", "rmsprop"),
+    "optimizer_impl": ("auto", "fused", "foreach", "loop"),
     "schedule": ("constant", "cosine", "onecycle"),
     "loss": ("auto", "cross_entropy", "bce", "mse"),
     "precision": ("auto", "fp32", "bf16", "fp16"),

@@ -101,16 +101,12 @@ class EngineTrainer:
         from duboko.train.engine import EMA, seed_everything
         from duboko.train.optim import build_optimizer
         from duboko.train.run import pick_device
+        from duboko.train.runtime import configure as configure_runtime
 
         self.cfg = cfg
         tcfg = cfg.train
-        if tcfg.num_threads:
-            torch.set_num_threads(tcfg.num_threads)
         self.device = pick_device(device if device != "auto" else tcfg.device, 0)
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-            torch.backends.cudnn.benchmark = True
+        self.runtime = configure_runtime(tcfg, self.device)
         seed_everything(tcfg.seed)
         self.task = get_task_cls(cfg.task)(cfg, self.device, 0, 1)
         self.task.setup(None)
@@ -121,6 +117,10 @@ class EngineTrainer:
         self.ema = EMA(model, tcfg.ema_decay) if tcfg.ema_decay > 0 else None
         self.optimizer = build_optimizer(model, tcfg, self.device)
         self.train_model = torch.compile(model) if tcfg.compile else model
+        from duboko.precision import resolve_precision
+
+        fp16 = resolve_precision(tcfg.precision, self.device) == "fp16"
+        self.scaler = torch.amp.GradScaler("cuda") if fp16 else None  # as `fit` does
         self.steps_per_epoch = self.task.num_train_batches()
         self.total_steps = max(1, tcfg.epochs * self.steps_per_epoch)
         if tcfg.max_steps:
@@ -149,6 +149,7 @@ class EngineTrainer:
         """Train up to `n_batches` steps (fewer when the schedule ends, or at an epoch's end when
         `stop_at_epoch_end`); data preparation is included in the time."""
         from duboko.precision import autocast, resolve_precision
+        from duboko.train.engine import apply_gradients
         from duboko.train.optim import lr_factor, set_lr
 
         tcfg = self.cfg.train
@@ -170,13 +171,7 @@ class EngineTrainer:
                 out = self.task.training_step(self.train_model, batch)
             if not bool(torch.isfinite(out.loss.detach())):
                 raise DubokoError(f"the loss became {out.loss.item()} at step {self.step + 1} of the benchmark")
-            self.optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            if tcfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip)
-            self.optimizer.step()
-            if self.ema is not None:
-                self.ema.update(self.model)
+            apply_gradients(out.loss, self.model, self.optimizer, tcfg.grad_clip, scaler=self.scaler, ema=self.ema)
             for k, v in out.stats.items():
                 if isinstance(v, torch.Tensor):
                     v = v.detach().double()

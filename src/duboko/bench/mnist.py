@@ -355,7 +355,9 @@ def format_report(result: dict[str, Any]) -> str:
         rows = [
             ["reference (PIL per sample, fp32 eager)", f"{ref['images_per_s']:.1f}", "1.00", mem(ref)],
             [f"duboko ({result['settings']['duboko']['recipe']}, {s['precision']}"
-             f"{', channels-last' if s['channels_last'] else ''})", f"{dub['images_per_s']:.1f}",
+             f"{', channels-last' if s['channels_last'] else ''}"
+             f"{', malloc retained' if s.get('retain_cpu_memory') and hw['device'] == 'cpu' else ''})",
+             f"{dub['images_per_s']:.1f}",
              f"{result['speedup']:.2f}", mem(dub)],
         ]
         table = common.format_table(rows, ["pipeline", "images/s", "speed-up", "peak memory"])

@@ -116,6 +116,8 @@ def run_family(
         if raw.get("task") != task:
             raise DubokoError(f"recipe {name!r} is a {raw.get('task')!r} recipe, not {task!r}")
     start = time.perf_counter()
+    hw = common.hardware(dev)
+    default_threads = torch.get_num_threads()
     rows = []
     bar = None
     if progress:
@@ -123,8 +125,10 @@ def run_family(
 
         bar = tqdm(total=len(names), desc=f"bench {family}", leave=False, file=sys.stderr)
     for name in names:
+        torch.set_num_threads(default_threads)  # a recipe's train.num_threads must not leak into the next
         row = bench_recipe(name, list(overrides or []), windows=windows, window=window, warmup=warmup,
                            device=str(dev))
+        row["torch_threads"] = torch.get_num_threads()
         trainer = row.pop("trainer")
         if family == "diffusion":
             T = trainer.task.config.data.num_train_timesteps
@@ -135,7 +139,9 @@ def run_family(
             bar.update(1)
     if bar is not None:
         bar.close()
-    return {"benchmark": family, "unit": unit, "hardware": common.hardware(dev),
+    hw["load_average_end"] = common.hardware(dev).get("load_average")
+    torch.set_num_threads(default_threads)
+    return {"benchmark": family, "unit": unit, "hardware": hw,
             "settings": {"windows": windows, "window_steps": window, "warmup_steps": warmup, "overrides": overrides or []},
             "recipes": rows, "wall_seconds": round(time.perf_counter() - start, 2)}
 
@@ -146,14 +152,16 @@ def format_report(result: dict[str, Any]) -> str:
     rows = []
     for r in result["recipes"]:
         row = [r["recipe"], r["model"], f"{r['parameters']:,}", str(r["batch_size"]), r["precision"],
+               str(r.get("torch_threads", "")),
                f"{r['items_per_s']:.1f}", f"±{r['spread'] * 100:.0f}%", f"{r['memory'].get('gpu_peak_mb', r['memory']['rss_peak_mb']):.0f} MB"]
         if "sampling" in r:
             s = r["sampling"]
             row += [f"{s['ddpm']['images_per_s']:.2f} ({s['ddpm']['steps']})", f"{s['ddim']['images_per_s']:.2f} ({s['ddim']['steps']})"]
         rows.append(row)
-    header = ["recipe", "model", "params", "batch", "precision", f"train {unit}/s", "spread", "peak memory"]
+    header = ["recipe", "model", "params", "batch", "precision", "threads", f"train {unit}/s", "spread", "peak memory"]
     if result["benchmark"] == "diffusion":
         header += ["DDPM img/s (steps)", "DDIM img/s (steps)"]
     head = (f"hardware: {hw.get('gpu') or hw['cpu']} | {hw['cpu_cores']} cores, torch {hw['torch']}, "
-            f"{hw['torch_threads']} threads, {hw['cpu_capability']} | load average {hw.get('load_average')}")
+            f"{hw['torch_threads']} threads by default, {hw['cpu_capability']} | load average "
+            f"{hw.get('load_average')} -> {hw.get('load_average_end')}")
     return "\n".join([head, common.format_table(rows, header), f"wall {result['wall_seconds']:.1f}s"])

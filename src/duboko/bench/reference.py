@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance
 from torch.utils.data import DataLoader, Dataset
@@ -169,6 +170,36 @@ class MNISTImages(Dataset):
 
 
 # ---------------------------------------------------------------------------------------------
+# The primer's model code, as it is written (duboko's `my_net` computes the same function with
+# ReLU after pooling and in place; tests/test_models_cnn.py checks that the two agree).
+
+
+class PrimerNet(nn.Module):
+    """The primer's own MY_NET class. Same layer names and construction order as duboko's
+    `my_net`, so the same seed gives the same initial weights and state dicts load either way."""
+
+    def __init__(self, num_classes: int = 10, image_size: int = 48):
+        super().__init__()
+        side = image_size // 4
+        self.conv1 = nn.Conv2d(3, 32, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(32, 64, kernel_size=3, padding=1)
+        self.pool1 = nn.MaxPool2d(2, 2)
+        self.conv3 = nn.Conv2d(64, 128, kernel_size=3, padding=1)
+        self.pool2 = nn.MaxPool2d(2, 2)
+        self.fc1 = nn.Linear(128 * side * side, 512)
+        self.fc2 = nn.Linear(512, num_classes)
+        self.dropout = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv1(x))
+        x = self.pool1(F.relu(self.conv2(x)))
+        x = self.pool2(F.relu(self.conv3(x)))
+        x = x.view(x.size(0), -1)
+        x = self.dropout(F.relu(self.fc1(x)))
+        return self.fc2(x)
+
+
+# ---------------------------------------------------------------------------------------------
 # The primer's training loop, steppable in windows so a benchmark can interleave it.
 
 
@@ -193,8 +224,6 @@ class ReferenceTrainer:
     name = "reference"
 
     def __init__(self, cfg: ReferenceConfig | None = None):
-        from duboko.registry import create_model
-
         self.cfg = cfg = cfg or ReferenceConfig()
         torch.manual_seed(cfg.seed)
         data_dir = cfg.data_dir or None
@@ -210,7 +239,7 @@ class ReferenceTrainer:
         from duboko.train.run import pick_device
 
         self.device = pick_device(cfg.device)
-        self.model = create_model("my_net", image_size=cfg.image_size).to(self.device)
+        self.model = PrimerNet(image_size=cfg.image_size).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self._it = None
         self.epoch = 0

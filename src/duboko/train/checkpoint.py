@@ -60,10 +60,17 @@ def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
 
 
 def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         if name.startswith("optim/"):
             _, idx, key = name.split("/", 2)
+            param = params[int(idx)] if int(idx) < len(params) else None
+            if param is not None and value.shape == param.shape and value.dim() > 1:
+                # Moments in the parameter's memory format (channels-last conv weights): torch's
+                # fused Adam walks parameter and state as flat memory, so a state saved contiguous
+                # would pair the wrong elements and silently corrupt the resumed run.
+                value = torch.empty_like(param, dtype=value.dtype).copy_(value)
             state.setdefault(int(idx), {})[key] = value
     for name, value in meta["scalars"].items():
         idx, key = name.split("/", 1)

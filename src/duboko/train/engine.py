@@ -14,6 +14,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from duboko.io import atomic_write_json
 from duboko.tasks import get_task_cls
 from duboko.train import checkpoint as ckpt
 from duboko.train import distributed as D
+from duboko.train import runtime
 from duboko.train.optim import build_optimizer, lr_factor, set_lr
 from duboko.precision import autocast, resolve_precision
 from duboko.train.run import CONFIG, METRICS, pick_device, save_weights, write_history, write_manifest
@@ -68,6 +70,38 @@ def _grad_norms(model: nn.Module) -> dict[str, float]:
         norms = torch._foreach_norm(grads)
         out[layer] = torch.stack(norms).float().pow(2).sum().sqrt().item()
     return out
+
+
+def apply_gradients(
+    loss: torch.Tensor,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    grad_clip: float = 0.0,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+    ema: EMA | None = None,
+    inspect: Callable[[], None] | None = None,
+) -> None:
+    """One optimizer update from `loss`: backward (scaled under fp16), gradient clipping, an
+    optional look at the gradients (`inspect`, after unscaling and clipping), the step, EMA.
+    `fit` and the benchmarks' engine side both train through this."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if inspect is not None:
+        inspect()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    if ema is not None:
+        ema.update(model)
 
 
 def _fmt_metric(key: str, value: float) -> str:
@@ -127,16 +161,10 @@ def fit(
     out = Path(out_dir)
     tcfg = cfg.train
     wall_start = time.perf_counter()
-    if tcfg.num_threads:
-        torch.set_num_threads(tcfg.num_threads)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(tcfg.device, local_rank)
     info = D.init_from_env(device.type)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+    runtime.configure(tcfg, device)
     is_main = info.is_main
     show = (lambda text: print(text, file=stream, flush=True)) if is_main and not quiet else (lambda text: None)
     try:
@@ -269,16 +297,9 @@ def fit(
                         f"the loss became {loss.item()} at step {st['step'] + 1} (epoch {epoch + 1}, batch {st['batch'] + 1}); "
                         f"stopped. {kept}. Lower train.lr, set train.grad_clip, or set train.nonfinite=skip"
                     )
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
-                else:
-                    loss.backward()
-                if tcfg.grad_clip > 0:
-                    nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
                 log_now = writer is not None and (st["step"] % tcfg.log_every == 0)
-                if tcfg.log_grad_norms or log_now:
+
+                def log_grads() -> None:
                     norms = _grad_norms(model)
                     if tcfg.log_grad_norms:
                         for k, v in norms.items():
@@ -286,13 +307,9 @@ def fit(
                     if log_now:
                         for k, v in norms.items():
                             writer.add_scalar(f"grad_norm/{k}", v, st["step"])
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                if ema is not None:
-                    ema.update(model)
+
+                apply_gradients(loss, model, optimizer, tcfg.grad_clip, scaler=scaler, ema=ema,
+                                inspect=log_grads if tcfg.log_grad_norms or log_now else None)
                 for k, v in outcome.stats.items():
                     v = v.detach().double() if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=torch.float64, device=device)
                     sums[k] = sums[k] + v if k in sums else v

@@ -8,18 +8,31 @@ import torch
 from torch import nn
 
 from duboko.config import TrainConfig
-from duboko.errors import unknown_name
+from duboko.errors import DubokoError, unknown_name
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULES = ("constant", "cosine", "onecycle")
 
 
+def _kernels(cfg: TrainConfig, device: torch.device) -> dict[str, bool]:
+    """`train.optimizer_impl` as torch's keyword: fused (one kernel over all parameters), foreach
+    (one op per step of the update, over all tensors at once) or loop (per parameter)."""
+    has_fused = device.type in ("cuda", "cpu") and cfg.optimizer in ("adam", "adamw", "sgd")
+    impl = cfg.optimizer_impl
+    if impl == "auto":
+        # On MY_NET's CPU step fused Adam took ~9 ms against ~60 ms for foreach's chain of
+        # whole-tensor ops (torch.profiler; docs/benchmarks.md).
+        impl = "fused" if has_fused else "foreach"
+    if impl == "fused" and not has_fused:
+        raise DubokoError(f"train.optimizer_impl='fused' needs adam, adamw or sgd on cpu or cuda, "
+                          f"got optimizer {cfg.optimizer!r} on {device.type!r}; use 'auto' or 'foreach'")
+    return {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """SGD (momentum, Nesterov), Adam, AdamW or RMSprop; foreach/fused kernels where available."""
     params = [p for p in model.parameters() if p.requires_grad]
-    fast = {"foreach": True}
-    if device.type == "cuda" and cfg.optimizer in ("adam", "adamw", "sgd"):
-        fast = {"fused": True}
+    fast = _kernels(cfg, device)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
                                weight_decay=cfg.weight_decay, **fast)
@@ -29,7 +42,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
         return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **fast)
     if cfg.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum if cfg.momentum else 0.0,
-                                   weight_decay=cfg.weight_decay, foreach=True)
+                                   weight_decay=cfg.weight_decay, **fast)
     raise unknown_name("optimizer", cfg.optimizer, OPTIMIZERS)
 
 
