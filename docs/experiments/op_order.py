@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from duboko.bench.reference import PrimerNet
 from duboko.models.cnn import MyNet, MyNetConfig
 from duboko.train.runtime import retain_freed_memory
+from page_faults import make_step  # same folder
 
 
 class PrimerOrder(PrimerNet):
@@ -26,23 +27,6 @@ class PrimerOrder(PrimerNet):
         x = self.pool1(F.relu(self.conv2(x)))
         x = self.pool2(F.relu(self.conv3(x)))
         return self.fc2(self.dropout(F.relu(self.fc1(torch.flatten(x, 1)))))
-
-
-def make_step(build):
-    torch.manual_seed(0)
-    model = build().to(memory_format=torch.channels_last)
-    x = torch.randn(64, 3, 48, 48).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (64,))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4, fused=True)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-
-    for _ in range(2):
-        step()
-    return step
 
 
 def main() -> None:
