@@ -50,15 +50,17 @@ def test_unknown_recipe_lists_known_ones(tmp_path):
 
 def test_config_round_trips_through_json():
     cfg = C.resolve("mnist-cnn", ["epochs=2"])
-    again = C.from_dict(cfg.to_dict())
+    again = C.resolve(cfg.to_dict())
     assert again.to_dict() == cfg.to_dict()
 
 
 @pytest.mark.parametrize("override", ["data.limit_train=-5", "data.rotation=nan", "data.std=0", "data.brightness=1.5"])
-def test_bad_data_values_are_refused_before_training(tmp_path, override):
-    from duboko.train.engine import fit
+def test_bad_data_values_are_refused_before_training(tmp_path, override, capsys):
+    """The task's `check` runs inside `resolve`: nothing is loaded and no run folder is made."""
+    from duboko.cli.main import main
 
-    cfg = C.resolve("mnist-cnn", [override])
     with pytest.raises(DubokoError, match="data\\."):
-        fit(cfg, tmp_path / "run", quiet=True)
+        C.resolve("mnist-cnn", [override])
+    assert main(["train", "mnist-cnn", "--set", override, "--out", str(tmp_path / "run")]) == 2
+    assert "data." in capsys.readouterr().err
     assert not (tmp_path / "run").exists()

@@ -94,3 +94,18 @@ def test_corrupt_file_in_data_dir_names_the_file(tmp_path):
         (tmp_path / f"{stem}.gz").write_bytes(b"\x1f\x8bnot really gzip")
     with pytest.raises(DubokoError, match=r"t10k-images-idx3-ubyte\.gz"):
         mnist.load_mnist("test", tmp_path)
+
+
+def test_load_split_limits_and_holds_out_a_fixed_validation_split():
+    x, y = mnist.load_split("test", limit=300)
+    full_x, full_y = mnist.load_mnist("test")
+    assert torch.equal(x, full_x[:300]) and torch.equal(y, full_y[:300])
+    assert len(mnist.load_split("test")[0]) == 10000  # limit 0: every image
+    with pytest.raises(DubokoError, match="limit"):
+        mnist.load_split("test", limit=-1)
+    (tx, ty), (vx, vy) = mnist.hold_out_validation(x, y, 30)
+    assert len(tx) == 270 and len(vx) == 30
+    perm = torch.randperm(300, generator=torch.Generator().manual_seed(mnist.SPLIT_SEED))
+    assert torch.equal(vx, x[perm[:30]]) and torch.equal(ty, y[perm[30:]])
+    (again, _), _ = mnist.hold_out_validation(x, y, 30)
+    assert torch.equal(again, tx)  # the same for every run

@@ -158,9 +158,9 @@ def test_perfect_denoiser_recovers_the_image_with_ddim():
 
 
 def test_bad_names_and_steps_are_user_errors():
-    with pytest.raises(DubokoError, match="beta schedule 'quadratic'"):
+    with pytest.raises(DubokoError, match="beta_schedule 'quadratic'"):
         DDPMScheduler(beta_schedule="quadratic")
-    with pytest.raises(DubokoError, match="prediction type"):
+    with pytest.raises(DubokoError, match="prediction_type"):
         DDPMScheduler(prediction_type="sample")
     with pytest.raises(DubokoError, match="sampler 'euler'"):
         make_scheduler("euler")

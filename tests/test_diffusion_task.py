@@ -66,6 +66,33 @@ def test_prompt_dropout_and_conditions():
         task.condition_for(prompts=["a seven"])
 
 
+def test_task_contract_assets_metrics_and_no_files_without_a_run_folder(tmp_path):
+    from duboko.tasks import Evaluation
+    from duboko.tasks.diffusion import PROMPT_FILE, DiffusionTask
+
+    cfg = _tiny("mnist-text2img")
+    DiffusionTask.check(cfg)
+    task = DiffusionTask(cfg, torch.device("cpu"))
+    task.setup()
+    assert cfg.model["vocab_size"] == captions.VOCAB_SIZE  # the derived field, from the prompt tokenizer
+    assert task.loss_name() == "mse"
+    assert task.save_assets(tmp_path) == [PROMPT_FILE] and (tmp_path / PROMPT_FILE).is_file()
+    model = task.build_model()
+    batch = next(task.train_batches(0))
+    out = task.training_step(model, batch)
+    assert set(out.stats) == {"loss_sum", "count"} and out.stats["count"] == 16
+    assert task.epoch_end(model, 1, None) == {}  # no run folder: no grid drawn or written
+    assert task.final_metrics(model, None, []) == Evaluation({})  # data.eval_samples=0
+    # Two ranks split each global batch: every other image, with its noise, timestep and prompt.
+    halves = [DiffusionTask(cfg, torch.device("cpu"), rank, 2) for rank in (0, 1)]
+    for half in halves:
+        half.setup()
+    for rank, half in enumerate(halves):
+        part = next(half.train_batches(0))
+        for key in ("x0", "noise", "t", "cond"):
+            assert torch.equal(part[key], batch[key][rank::2]), key
+
+
 def test_captions_have_train_and_held_out_phrasings():
     train = set(captions.captions_for(7))
     held = set(captions.captions_for(7, held_out=True))

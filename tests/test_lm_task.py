@@ -31,6 +31,7 @@ def corpus(tmp_path_factory) -> Path:
 
 def make_task(corpus, *overrides, rank=0, world_size=1):
     cfg = resolve("text-lstm", [f"data.path={corpus}", *SMALL, *overrides])
+    LanguageModelTask.check(cfg)  # (config.resolve runs it too)
     task = LanguageModelTask(cfg, torch.device("cpu"), rank, world_size)
     task.setup()
     return task
@@ -58,10 +59,14 @@ def test_stateful_batches_continue_each_stream(corpus):
     again = list(task.train_batches(epoch=0, start=2))
     assert torch.equal(again[0]["x"], batches[2]["x"]) and again[0]["reset"]
     assert not torch.equal(next(task.train_batches(epoch=1))["x"], batches[0]["x"])
-    # Two ranks split the streams between them.
-    r0 = next(make_task(corpus, rank=0, world_size=2).train_batches(0))["x"]
-    r1 = next(make_task(corpus, rank=1, world_size=2).train_batches(0))["x"]
-    assert torch.equal(torch.cat([r0, r1]), batches[0]["x"])
+    # Two ranks split the streams between them: rank r carries every other stream of the global batch.
+    r0 = make_task(corpus, rank=0, world_size=2)
+    r1 = make_task(corpus, rank=1, world_size=2)
+    assert r0.num_train_batches() == r1.num_train_batches() == len(batches)
+    for full, a, b in zip(batches, r0.train_batches(0), r1.train_batches(0)):
+        assert torch.equal(a["x"], full["x"][0::2]) and torch.equal(b["x"], full["x"][1::2])
+        assert torch.equal(a["reset_rows"], full["reset_rows"][0::2])
+        assert torch.equal(b["reset_rows"], full["reset_rows"][1::2])
 
 
 def test_stateful_rows_are_sometimes_reset_to_zero_state(corpus):
@@ -85,6 +90,31 @@ def test_stateful_rows_are_sometimes_reset_to_zero_state(corpus):
     assert torch.equal(zh[:, ~keep], h[:, ~keep]) and torch.equal(zc[:, ~keep], c[:, ~keep])
     with pytest.raises(Exception, match="state_reset_prob"):
         make_task(corpus, "data.state_reset_prob=1.5")
+
+
+def test_training_step_honours_label_smoothing_and_reports_accuracy(corpus):
+    torch.manual_seed(0)
+    plain, smooth = make_task(corpus), make_task(corpus, "train.label_smoothing=0.2")
+    model = plain.build_model().eval()  # no dropout: the three passes below see the same network
+    batch = next(plain.train_batches(0))
+    a, b = plain.training_step(model, batch), smooth.training_step(model, batch)
+    logits, _ = model(batch["x"])
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["y"].flatten(), label_smoothing=0.2)
+    torch.testing.assert_close(b.loss, want)
+    assert not torch.allclose(a.loss, b.loss)
+    assert a.stats["count"] == batch["y"].numel()
+    assert a.stats["accuracy"] == (logits.argmax(-1) == batch["y"]).sum()  # a per-token sum
+
+
+def test_epoch_end_writes_nothing_without_a_run_folder(corpus, tmp_path):
+    task = make_task(corpus)
+    model = task.build_model()
+    assert task.epoch_end(model, 1, None) == {}
+    task.epoch_end(model, 1, tmp_path)
+    assert (tmp_path / "samples" / "epoch_1.txt").is_file()
+    assert task.save_assets(tmp_path) == ["tokenizer.json"] and (tmp_path / "tokenizer.json").is_file()
+    result = task.final_metrics(model, None, [])
+    assert result.metrics["vocab_size"] == task.tokenizer.vocab_size and "report_text" not in result.metrics
 
 
 def test_reset_batches_are_shuffled_windows(corpus):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from duboko.models.rnn import GRUCell, LSTMCell, ReadableRNN, RNNCell, RNNLMConfig, RNNLanguageModel, detach_state
+from duboko.models.rnn import GRUCell, LSTMCell, ReadableRNN, RNNCell, RNNLMConfig, RNNLanguageModel
 from duboko.registry import create_model
 
 TORCH_CELLS = {"rnn": (RNNCell, nn.RNNCell), "lstm": (LSTMCell, nn.LSTMCell), "gru": (GRUCell, nn.GRUCell)}
@@ -86,11 +86,3 @@ def test_tied_weights_share_one_tensor_and_bad_configs_fail():
         create_model("lstm-word", vocab_size=50, hidden_size=16, embedding_dim=8)
     with pytest.raises(Exception, match="cell"):
         create_model("lstm-char", cell="transformer")
-
-
-def test_detach_state():
-    h = torch.randn(1, 2, 3, requires_grad=True) * 2
-    assert not detach_state(h).requires_grad
-    a, b = detach_state((h, h))
-    assert not a.requires_grad and not b.requires_grad
-    assert detach_state(None) is None

@@ -18,6 +18,7 @@ def regression_metrics(pred, true):
 
 def _task(recipe, *sets):
     cfg = C.resolve(recipe, list(sets))
+    TabularTask.check(cfg)  # (config.resolve runs it too)
     task = TabularTask(cfg, torch.device("cpu"))
     task.setup()
     return cfg, task
@@ -58,14 +59,13 @@ def test_batches_cover_the_train_split_once_and_are_reproducible():
     torch.testing.assert_close(again[0][0], batches[2][0])
     other = list(task.train_batches(epoch=1))
     assert not torch.equal(other[0][0], batches[0][0])
-    # two ranks split the data without overlap
+    # two ranks split every global batch without overlap: rank r takes its every other row
     r0 = TabularTask(cfg, torch.device("cpu"), rank=0, world_size=2)
     r1 = TabularTask(cfg, torch.device("cpu"), rank=1, world_size=2)
     r0.setup(), r1.setup()
-    assert r0.num_train_batches() == r1.num_train_batches()
-    a = torch.cat([x for x, _ in r0.train_batches(0)])
-    b = torch.cat([x for x, _ in r1.train_batches(0)])
-    assert not set(map(tuple, a.tolist())) & set(map(tuple, b.tolist()))
+    assert r0.num_train_batches() == r1.num_train_batches() == len(batches)
+    for (xf, _), (x0, _), (x1, _) in zip(batches, r0.train_batches(0), r1.train_batches(0)):
+        assert torch.equal(x0, xf[0::2]) and torch.equal(x1, xf[1::2])
 
 
 def test_regression_metrics_match_sklearn():
@@ -90,7 +90,41 @@ def test_training_step_statistics_and_bce_loss():
     logits = model(x).squeeze(-1)
     torch.testing.assert_close(out.loss, torch.nn.functional.binary_cross_entropy_with_logits(logits, y.float()))
     assert out.stats["count"] == len(y)
-    assert out.stats["correct"] == ((logits > 0).long() == y).sum()
+    assert out.stats["accuracy"] == ((logits > 0).long() == y).sum()  # a per-row sum: the engine divides by count
+    assert task.loss_name() == "bce" and task.shown_metric == "accuracy"
+    _, regression = _task("diabetes-regression")
+    assert regression.loss_name() == "mse" and regression.shown_metric == ""
+    assert "accuracy" not in regression.training_step(regression.build_model(), next(regression.train_batches(0))).stats
+
+
+def test_losses_are_known_from_the_config_where_the_data_set_tells():
+    def allowed(recipe, *sets):
+        return TabularTask.allowed_losses(C.resolve(recipe, list(sets)))
+
+    assert allowed("digits") == ("cross_entropy",)
+    assert allowed("digits-binary") == ("bce", "cross_entropy")  # positive_labels: a binary target
+    assert allowed("breast-cancer") == ("bce", "cross_entropy")
+    assert allowed("diabetes-regression") == ("mse",)
+    assert allowed("breast-cancer", "data.problem=classification") == ("cross_entropy", "bce")
+    assert allowed("digits", "data.problem=regression") == ("mse",)
+    # A CSV's problem (with data.problem=auto) is only known from its rows: every loss passes the
+    # config check, and `setup` refuses the one that does not fit.
+    cfg = C.resolve("digits", ["data.dataset=csv", "data.path=x.csv", "data.target=y", "loss=mse"])
+    assert TabularTask.allowed_losses(cfg) == ("cross_entropy", "bce", "mse")
+
+
+def test_a_csv_target_decides_the_loss_at_setup(tmp_path):
+    rows = "\n".join(f"{i % 7},{(i * 3) % 5},{'yes' if i % 2 else 'no'}" for i in range(60))
+    (tmp_path / "t.csv").write_text("a,b,label\n" + rows + "\n")
+    base = ["data.dataset=csv", f"data.path={tmp_path / 't.csv'}", "data.target=label"]
+    cfg, task = _task("digits", *base)
+    assert task.problem == "binary" and task.loss_name() == "bce" and cfg.model["out_features"] == 1
+    with pytest.raises(DubokoError, match="train.loss='mse' does not fit a binary target"):
+        _task("digits", *base, "loss=mse")
+    with pytest.raises(DubokoError, match="train.label_smoothing"):
+        _task("digits", *base, "label_smoothing=0.1")
+    cfg, task = _task("digits", *base, "loss=cross_entropy", "label_smoothing=0.1")
+    assert cfg.model["out_features"] == 2
 
 
 @pytest.mark.parametrize(

@@ -65,17 +65,25 @@ def test_mid_epoch_checkpoint_resume_is_exact(tmp_path, tiny_cnn_overrides):
 
 
 def test_optimizers_schedules_and_grad_norms(tmp_path, tiny_cnn_overrides):
-    for i, extra in enumerate([
-        ["optimizer=sgd", "lr=0.05", "nesterov=true", "schedule=cosine", "warmup_steps=2"],
-        ["optimizer=rmsprop", "lr=3e-4", "schedule=onecycle", "grad_clip=1.0", "log_grad_norms=true"],
-        ["optimizer=adamw", "ema_decay=0.9", "label_smoothing=0.1"],
+    """Each optimizer/schedule trains for real: 8 steps on 512 images reach 31-49 % test accuracy
+    (measured), well above the 10 % of chance; the schedules end near their floor."""
+    for i, (extra, peak) in enumerate([
+        (["optimizer=sgd", "lr=0.05", "nesterov=true", "schedule=cosine", "warmup_steps=2"], 0.05),
+        (["optimizer=rmsprop", "lr=3e-4", "schedule=onecycle", "grad_clip=1.0", "log_grad_norms=true"], 3e-4),
+        (["optimizer=adamw", "ema_decay=0.9", "label_smoothing=0.1"], 1e-3),
     ]):
         out = tmp_path / f"r{i}"
-        m = _fit(out, tiny_cnn_overrides + ["epochs=1", "data.limit_train=128"] + extra)
-        assert m["test_accuracy"] >= 0.0
-        header = open(out / "history.csv").readline()
+        m = _fit(out, tiny_cnn_overrides + ["epochs=1", "data.limit_train=512"] + extra)
+        assert m["test_accuracy"] > 0.25, (extra, m["test_accuracy"])
+        rows = list(csv.DictReader(open(out / "history.csv")))
+        last_lr = float(rows[-1]["lr"])
+        if "schedule=cosine" in extra or "schedule=onecycle" in extra:
+            assert last_lr < 0.2 * peak, (extra, last_lr)  # the last of 8 steps is near the end of the decay
+        else:
+            assert last_lr == pytest.approx(peak)
         if "log_grad_norms=true" in extra:
-            assert "grad_norm_conv1" in header and "grad_norm_fc2" in header
+            assert "grad_norm_conv1" in rows[0] and "grad_norm_fc2" in rows[0]
+            assert float(rows[0]["grad_norm_conv1"]) > 0
 
 
 def test_existing_run_folder_is_not_overwritten(tmp_path, tiny_cnn_overrides):

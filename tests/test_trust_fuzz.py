@@ -1,5 +1,5 @@
 """Property-based fuzzing (hypothesis) of the input parsers: the IDX reader, image loading, the
-config parser (`parse_value`, `resolve_dict` with random overrides) and the text tokenizers.
+config parser (`parse_value`, `resolve` with random overrides) and the text tokenizers.
 
 Property: any input either parses into something well-formed or raises `DubokoError`; never any
 other exception. Example counts are set per test (EXAMPLES) so the file stays well under a minute
@@ -32,7 +32,7 @@ EXAMPLES = {
     "image_random_bytes": 300,
     "image_valid_and_mutated": 400,
     "parse_value": 2000,
-    "resolve_dict": 600,
+    "resolve": 600,
     "parse_overrides": 600,
     "char_word_tokenizers": 600,
     "bpe_tokenizer": 40,
@@ -177,7 +177,7 @@ def test_parse_value_never_raises(text):
     C.parse_value(text)  # any text is a value: a literal or, failing that, the bare string
 
 
-_RAW = C.load_recipe_file("mnist-cnn")[1]
+_RAW = {**C.load_recipe_file("mnist-cnn")[1], "recipe": "mnist-cnn"}
 _KEYS = sorted(
     {f"train.{k}" for k in C.TrainConfig.__dataclass_fields__}
     | {f"data.{k}" for k in ImageClassificationTask.data_config.__dataclass_fields__}
@@ -198,18 +198,18 @@ _OVERRIDE_KEYS = st.one_of(st.sampled_from(_KEYS), st.sampled_from(_KEYS), st.te
                            st.sampled_from(["model.", ".lr", "train..lr", "a.b.c", "=", ""]))
 
 
-@fuzz("resolve_dict")
+@fuzz("resolve")
 @given(st.lists(st.tuples(_OVERRIDE_KEYS, _VALUES), max_size=5))
-def test_resolve_dict_with_random_overrides(overrides):
+def test_resolve_with_random_overrides(overrides):
     try:
-        cfg = C.resolve_dict(_RAW, "mnist-cnn", overrides)
+        cfg = C.resolve(_RAW, overrides)
     except DubokoError:
         return
     # Accepted: a typed config that survives its own round trip through config.json.
     assert isinstance(cfg.train, C.TrainConfig)
     assert all(v == v and abs(v) != float("inf") for v in vars(cfg.train).values() if isinstance(v, float))
     text = json.dumps(cfg.to_dict(), sort_keys=True)
-    assert json.dumps(C.from_dict(json.loads(text)).to_dict(), sort_keys=True) == text
+    assert json.dumps(C.resolve(json.loads(text)).to_dict(), sort_keys=True) == text
 
 
 @fuzz("parse_overrides")
@@ -217,7 +217,7 @@ def test_resolve_dict_with_random_overrides(overrides):
 def test_parse_overrides_of_raw_cli_text(items):
     try:
         pairs = C.parse_overrides(items)
-        C.resolve_dict(_RAW, "mnist-cnn", pairs)
+        C.resolve(_RAW, pairs)
     except DubokoError:
         pass
 

@@ -178,4 +178,4 @@ def test_no_unpickling_anywhere_in_the_package():
                 calls.append(where + ("(weights_only=True)" if safe else "(UNSAFE)"))
             elif owner in ("np", "numpy") and attr == "load" and "allow_pickle" in kwargs:
                 calls.append(where + "(allow_pickle)")
-    assert calls == ["cli/trust.py:torch.load(weights_only=True)"], calls
+    assert calls == ["train/verify.py:torch.load(weights_only=True)"], calls

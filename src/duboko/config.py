@@ -212,53 +212,88 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
     return pairs
 
 
-def _section_keys(raw: dict[str, Any], task_data_cls: type) -> dict[str, set[str]]:
+# Keys renamed since runs were first written: (section, old, new). Every source (a recipe, a run
+# folder's config.json, a config dict) goes through `_upgrade`, so old run folders load anywhere.
+RENAMED_KEYS = [("data", "tokenizer_vocab", "vocab_size")]
+
+# Overrides that `--resume` accepts: they change how long the run goes and what it logs, not what
+# one step computes, so the resumed run stays bit-exact. Everything else (model, data, batch size,
+# seed, optimizer, schedule, precision, ...) is refused with this list.
+RESUME_SAFE = (
+    "train.epochs",
+    "train.max_steps",
+    "train.checkpoint_every",
+    "train.log_every",
+    "train.log_grad_norms",
+    "train.device",
+    "train.num_threads",
+    "data.data_dir",  # where the same data lives (a moved folder)
+    "data.path",
+)
+
+
+def _upgrade(raw: dict[str, Any]) -> dict[str, Any]:
+    """Apply `RENAMED_KEYS` to a raw config (a copy; the input is left alone)."""
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for section, old, new in RENAMED_KEYS:
+        values = raw.get(section)
+        if isinstance(values, dict) and old in values:
+            raw[section] = {(new if k == old else k): v for k, v in values.items()}
+    return raw
+
+
+def _section_keys(raw: dict[str, Any], task_cls: type) -> dict[str, set[str]]:
     from duboko import registry
 
     model_name = raw.get("model", {}).get("name")
     model_keys = {"name"}
     if model_name:
         model_keys |= set(registry.config_fields(registry.get_spec(model_name)))
-    model_keys -= set(getattr(task_data_cls, "derived_model_keys", ()))  # set by the task, not the user
     return {
         "model": model_keys,
-        "data": {f.name for f in dataclasses.fields(task_data_cls)},
+        "data": {f.name for f in dataclasses.fields(task_cls.data_config)},
         "train": {f.name for f in dataclasses.fields(TrainConfig)},
     }
 
 
-def apply_overrides(
-    raw: dict[str, Any], overrides: list[tuple[str, Any]], task_data_cls: type
-) -> dict[str, Any]:
-    """Apply `--set` pairs to a raw recipe dict (sections: model, data, train)."""
+def _override_target(key: str, keys: dict[str, set[str]], task_cls: type) -> tuple[str, str]:
+    """The (section, field) an override key names: dotted, or bare when one section has it."""
+    derived = task_cls.derived_model_fields
+    if "." in key:
+        section, sub = key.split(".", 1)
+        if section not in SECTIONS:
+            raise DubokoError(f"unknown section in {key!r}; expected one of: {', '.join(SECTIONS)}")
+    else:
+        # A bare name means a field the user may set: data.vocab_size, not the derived model one.
+        owners = [s for s in SECTIONS if key in keys[s] and not (s == "model" and key in derived)]
+        if not owners and key in derived:
+            owners = ["model"]
+        if not owners:
+            valid = sorted(f"{s}.{k}" for s in SECTIONS for k in keys[s] if not (s == "model" and k in derived))
+            raise DubokoError(f"unknown key {key!r}; valid keys: {', '.join(valid)}")
+        if len(owners) > 1:
+            raise DubokoError(
+                f"key {key!r} is in several sections; write one of: " + ", ".join(f"{s}.{key}" for s in owners)
+            )
+        section, sub = owners[0], key
+    if section == "model" and sub in derived:
+        raise DubokoError(
+            f"model.{sub} is derived by task {task_cls.name!r} from {derived[sub]}; set that instead"
+        )
+    if sub not in keys[section]:
+        valid = sorted(k for k in keys[section] if not (section == "model" and k in derived))
+        raise DubokoError(f"unknown key {key!r}; valid keys in [{section}]: {', '.join(valid)}")
+    return section, sub
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[tuple[str, Any]], task_cls: type) -> dict[str, Any]:
+    """Apply `--set` pairs to a raw config dict (sections: model, data, train)."""
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     for s in SECTIONS:
         raw.setdefault(s, {})
     for key, value in overrides:
-        keys = _section_keys(raw, task_data_cls)  # model.name may change the model's keys
-        if "." in key:
-            section, sub = key.split(".", 1)
-            if section not in SECTIONS:
-                raise DubokoError(f"unknown section in {key!r}; expected one of: {', '.join(SECTIONS)}")
-            if section == "model" and sub in getattr(task_data_cls, "derived_model_keys", ()):
-                raise DubokoError(
-                    f"{key!r} is derived by the task (from its data); set data.{sub} instead"
-                )
-            if sub not in keys[section]:
-                raise DubokoError(
-                    f"unknown key {key!r}; valid keys in [{section}]: {', '.join(sorted(keys[section]))}"
-                )
-        else:
-            owners = [s for s in SECTIONS if key in keys[s]]
-            if not owners:
-                valid = sorted(f"{s}.{k}" for s in SECTIONS for k in keys[s])
-                raise DubokoError(f"unknown key {key!r}; valid keys: {', '.join(valid)}")
-            if len(owners) > 1:
-                raise DubokoError(
-                    f"key {key!r} is in several sections; write one of: "
-                    + ", ".join(f"{s}.{key}" for s in owners)
-                )
-            section, sub = owners[0], key
+        keys = _section_keys(raw, task_cls)  # model.name may change the model's keys
+        section, sub = _override_target(key, keys, task_cls)
         if section == "model" and sub == "name" and value != raw["model"].get("name"):
             raw["model"] = {"name": value}  # another model: its own defaults, not the old fields
         else:
@@ -266,21 +301,43 @@ def apply_overrides(
     return raw
 
 
+def _load_source(source: str | Path | dict[str, Any]) -> tuple[str, dict[str, Any], bool]:
+    """(recipe name, raw config, is_recipe_file) from a recipe name or .toml path, a run folder
+    (its config.json) or a config dict (a run folder's config.json, already read)."""
+    if isinstance(source, dict):
+        return str(source.get("recipe", "run")), dict(source), False
+    path = Path(source)
+    # A bundled recipe name given as text wins over a folder of that name in the working
+    # directory; a `Path` is always a path.
+    if path.is_dir() and (isinstance(source, Path) or str(source) not in recipe_names()):
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise DubokoError(f"{str(path)!r} is a folder but not a run folder: it has no config.json")
+        from duboko.io import read_json
+
+        raw = read_json(config_file)
+        if not isinstance(raw, dict):
+            raise DubokoError(f"{config_file} is not a duboko config (expected a JSON object)")
+        return str(raw.get("recipe", path.name)), raw, False
+    name, raw = load_recipe_file(str(source))
+    return name, raw, True
+
+
 def resolve(
-    name_or_path: str, overrides: list[str] | None = None
+    source: str | Path | dict[str, Any],
+    overrides: list[str] | list[tuple[str, Any]] | None = None,
+    *,
+    data_dir: str | None = None,
+    resume: bool = False,
 ) -> RunConfig:
-    """Load a recipe, apply `--set` overrides, and type-check everything."""
+    """The one way to a `RunConfig`: from a bundled recipe name, a .toml recipe, a run folder (a
+    `Path`, or text that names no bundled recipe) or a config dict, with `--set` overrides (``"key=value"`` strings or (key, value) pairs) and an
+    optional data folder; renamed keys upgraded, every field type-checked, then the task's own
+    `check`. With `resume=True` only the `RESUME_SAFE` overrides are accepted."""
     from duboko import registry
-    from duboko.tasks import get_task_cls
 
-    name, raw = load_recipe_file(name_or_path)
-    return resolve_dict(raw, name, parse_overrides(overrides or []))
-
-
-def resolve_dict(raw: dict[str, Any], name: str, overrides: list[tuple[str, Any]] | None = None) -> RunConfig:
-    from duboko import registry
-    from duboko.tasks import get_task_cls
-
+    name, raw, is_recipe = _load_source(source)
+    raw = _upgrade(raw)
     extra = set(raw) - {"description", "task", *SECTIONS, "recipe"}
     if extra:
         raise DubokoError(
@@ -290,8 +347,37 @@ def resolve_dict(raw: dict[str, Any], name: str, overrides: list[tuple[str, Any]
     task_name = raw.get("task")
     if not task_name:
         raise DubokoError(f"recipe {name!r} names no task")
-    task_cls = get_task_cls(task_name)
-    raw = apply_overrides(raw, overrides or [], task_cls.data_config)
+    task_cls = registry.get_task(task_name)
+    pairs = [p for p in (overrides or []) if not isinstance(p, str)]
+    pairs = parse_overrides([p for p in (overrides or []) if isinstance(p, str)]) + pairs
+    if data_dir is not None:
+        pairs.insert(0, (_data_dir_key(task_cls), data_dir))
+    if is_recipe:
+        derived = sorted(set(raw.get("model", {})) & set(task_cls.derived_model_fields))
+        if derived:
+            key = derived[0]
+            raise DubokoError(
+                f"recipe {name!r} sets model.{key}, which task {task_name!r} derives from "
+                f"{task_cls.derived_model_fields[key]}; set that instead"
+            )
+    cfg = _build(raw, name, pairs, task_cls)
+    if resume and pairs:
+        _check_resume_overrides(_build(raw, name, [], task_cls), cfg)
+    return cfg
+
+
+def _data_dir_key(task_cls: type) -> str:
+    fields = {f.name for f in dataclasses.fields(task_cls.data_config)}
+    for key in ("data_dir", "path"):
+        if key in fields:
+            return f"data.{key}"
+    raise DubokoError(f"task {task_cls.name!r} reads no data folder (its [data] has no data_dir or path)")
+
+
+def _build(raw: dict[str, Any], name: str, pairs: list[tuple[str, Any]], task_cls: type) -> RunConfig:
+    from duboko import registry
+
+    raw = apply_overrides(raw, pairs, task_cls)
     model_section = dict(raw["model"])
     model_name = model_section.pop("name", None)
     if not model_name:
@@ -301,30 +387,45 @@ def resolve_dict(raw: dict[str, Any], name: str, overrides: list[tuple[str, Any]
     data_cfg = build_dataclass(task_cls.data_config, raw["data"], "data")
     train_cfg = build_dataclass(TrainConfig, raw["train"], "train")
     validate_train(train_cfg)
-    return RunConfig(
-        recipe=raw.get("recipe", name),
+    cfg = RunConfig(
+        recipe=str(raw.get("recipe", name)),
         description=str(raw.get("description", "")),
-        task=task_name,
+        task=raw["task"],
         model={"name": model_name, **dataclasses.asdict(model_cfg)},
         data=data_cfg,
         train=train_cfg,
     )
+    task_cls.check(cfg)
+    return cfg
 
 
-# Keys renamed since runs were first written: (section, old, new). Old run folders still load.
-RENAMED_KEYS = [("data", "tokenizer_vocab", "vocab_size")]
+def _flatten(cfg: RunConfig) -> dict[str, Any]:
+    d = cfg.to_dict()
+    return {f"{s}.{k}": v for s in SECTIONS for k, v in d[s].items()}
 
 
-def from_dict(d: dict[str, Any]) -> RunConfig:
-    """Rebuild a RunConfig from a run folder's `config.json`."""
-    d = dict(d)
-    for section, old, new in RENAMED_KEYS:
-        if isinstance(d.get(section), dict) and old in d[section]:
-            d[section] = {(new if k == old else k): v for k, v in d[section].items()}
-    return resolve_dict(
-        {k: d[k] for k in ("description", "task", "model", "data", "train") if k in d} | {"recipe": d.get("recipe", "run")},
-        d.get("recipe", "run"),
-    )
+def _check_resume_overrides(saved: RunConfig, wanted: RunConfig) -> None:
+    before, after = _flatten(saved), _flatten(wanted)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    refused = [k for k in changed if k not in RESUME_SAFE]
+    if refused:
+        raise DubokoError(
+            f"cannot resume with {', '.join(f'{k}={after.get(k)!r}' for k in refused)}: it changes what the "
+            f"saved run computes, so the resume would not be exact (model, data, batch size, seed, optimizer, "
+            f"...). Overrides a resume accepts: {', '.join(RESUME_SAFE)}. Train a new run in another folder instead"
+        )
+
+
+def require_at_least(section: str, values: Any, minimum: float, *keys: str, note: str = "") -> None:
+    """Each `section.key` of `values` must be >= `minimum` (a float also finite); the message
+    names the key, the bound and the value received. `note` explains the bound ("0: all")."""
+    for key in keys:
+        value = getattr(values, key)
+        if isinstance(value, float):
+            if not (math.isfinite(value) and value >= minimum):
+                raise DubokoError(f"{section}.{key} must be a finite number >= {minimum:g}{note}, got {value!r}")
+        elif value < minimum:
+            raise DubokoError(f"{section}.{key} must be >= {minimum:g}{note}, got {value!r}")
 
 
 CHOICES = {
@@ -361,8 +462,6 @@ def validate_train(cfg: TrainConfig) -> None:
     for key, (lo, hi) in bounded.items():
         if not lo <= getattr(cfg, key) <= hi:
             raise DubokoError(f"train.{key} must be in [{lo:g}, {hi:g}], got {getattr(cfg, key)!r}")
-    for key in ("weight_decay", "grad_clip", "epochs", "max_steps", "warmup_steps", "num_threads", "checkpoint_every"):
-        if getattr(cfg, key) < 0:
-            raise DubokoError(f"train.{key} must be >= 0, got {getattr(cfg, key)!r}")
-    if cfg.log_every < 1:
-        raise DubokoError(f"train.log_every must be >= 1, got {cfg.log_every!r}")
+    require_at_least("train", cfg, 0, "weight_decay", "grad_clip", "epochs", "max_steps", "warmup_steps", "num_threads",
+                     "checkpoint_every")
+    require_at_least("train", cfg, 1, "log_every")

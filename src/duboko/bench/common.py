@@ -88,48 +88,30 @@ def sync(device: torch.device) -> None:
 
 
 class EngineTrainer:
-    """Trains a recipe with the same pieces as `duboko.train.engine.fit` — the task's batches, the
-    model (channels-last when asked), autocast precision, the engine's optimizer and LR schedule,
-    the non-finite guard, EMA — but in windows of N steps, so a benchmark can time them between
-    the reference's windows. Run folders, checkpoints and TensorBoard are left out (they happen
-    once per epoch in `fit`, not per step)."""
+    """`duboko train`'s own `Trainer`, without a run folder, stepped in windows of N steps so a
+    benchmark can time them between the reference's windows. Each timed step is
+    `Trainer.step` — the code `duboko train` runs — on the task's own batches; run folders,
+    checkpoints and TensorBoard are left out (they happen once per epoch in `fit`, not per step)."""
 
     name = "duboko"
 
     def __init__(self, cfg, device: str = "auto"):
-        from duboko.tasks import get_task_cls
-        from duboko.train.engine import EMA, seed_everything
-        from duboko.train.optim import build_optimizer
-        from duboko.train.run import pick_device
-        from duboko.train.runtime import configure as configure_runtime
+        from duboko.train.engine import Trainer
 
         self.cfg = cfg
-        tcfg = cfg.train
-        self.device = pick_device(device if device != "auto" else tcfg.device, 0)
-        self.runtime = configure_runtime(tcfg, self.device)
-        seed_everything(tcfg.seed)
-        self.task = get_task_cls(cfg.task)(cfg, self.device, 0, 1)
-        self.task.setup(None)
-        model = self.task.build_model().to(self.device)
-        if tcfg.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model
-        self.ema = EMA(model, tcfg.ema_decay) if tcfg.ema_decay > 0 else None
-        self.optimizer = build_optimizer(model, tcfg, self.device)
-        self.train_model = torch.compile(model) if tcfg.compile else model
-        from duboko.precision import resolve_precision
-
-        fp16 = resolve_precision(tcfg.precision, self.device) == "fp16"
-        self.scaler = torch.amp.GradScaler("cuda") if fp16 else None  # as `fit` does
-        self.steps_per_epoch = self.task.num_train_batches()
-        self.total_steps = max(1, tcfg.epochs * self.steps_per_epoch)
-        if tcfg.max_steps:
-            self.total_steps = min(self.total_steps, tcfg.max_steps)
-        self.step = 0
+        self.trainer = Trainer(cfg, None, quiet=True, device=None if device == "auto" else device)
+        self.device = self.trainer.device
+        self.task = self.trainer.task
+        self.model = self.trainer.model
+        self.steps_per_epoch = self.trainer.steps_per_epoch
+        self.total_steps = self.trainer.total_steps
         self.epoch = 0
         self.batch_in_epoch = 0
         self._it = None
-        seed_everything(tcfg.seed)
+
+    @property
+    def step(self) -> int:
+        return self.trainer.state.step
 
     @property
     def finished(self) -> bool:
@@ -148,15 +130,8 @@ class EngineTrainer:
     def run(self, n_batches: int, stop_at_epoch_end: bool = False) -> dict[str, float]:
         """Train up to `n_batches` steps (fewer when the schedule ends, or at an epoch's end when
         `stop_at_epoch_end`); data preparation is included in the time."""
-        from duboko.precision import autocast, resolve_precision
-        from duboko.train.engine import apply_gradients
-        from duboko.train.optim import lr_factor, set_lr
-
-        tcfg = self.cfg.train
-        precision = resolve_precision(tcfg.precision, self.device)  # a recipe may say "auto"
         self.model.train()
-        sums: dict[str, float] = {}
-        stats_t: dict[str, torch.Tensor] = {}
+        sums: dict[str, torch.Tensor | float] = {}
         n = 0
         sync(self.device)
         start = time.perf_counter()
@@ -165,34 +140,25 @@ class EngineTrainer:
                 break
             if stop_at_epoch_end and n and self.batch_in_epoch >= self.steps_per_epoch:
                 break
-            batch = self._next_batch()
-            set_lr(self.optimizer, tcfg.lr * lr_factor(tcfg, self.step, self.total_steps))
-            with autocast(self.device, precision):
-                out = self.task.training_step(self.train_model, batch)
-            if not bool(torch.isfinite(out.loss.detach())):
-                raise DubokoError(f"the loss became {out.loss.item()} at step {self.step + 1} of the benchmark")
-            apply_gradients(out.loss, self.model, self.optimizer, tcfg.grad_clip, scaler=self.scaler, ema=self.ema)
-            for k, v in out.stats.items():
-                if isinstance(v, torch.Tensor):
-                    v = v.detach().double()
-                    stats_t[k] = stats_t[k] + v if k in stats_t else v
-                else:
-                    sums[k] = sums.get(k, 0.0) + float(v)
-            self.step += 1
+            out = self.trainer.step(self._next_batch())
             n += 1
-        sums.update({k: v.item() for k, v in stats_t.items()})
+            if out is None:  # a skipped non-finite step (train.nonfinite = skip)
+                continue
+            for k, v in out.stats.items():
+                v = v.detach().double() if isinstance(v, torch.Tensor) else float(v)
+                sums[k] = sums[k] + v if k in sums else v
+        totals = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in sums.items()}
         sync(self.device)
         seconds = time.perf_counter() - start
-        return {"seconds": seconds, "steps": n, "images": sums.get("count", 0.0),
-                "loss_sum": sums.get("loss_sum", 0.0), "correct": sums.get("correct", 0.0),
+        return {"seconds": seconds, "steps": n, "images": totals.get("count", 0.0),
+                "loss_sum": totals.get("loss_sum", 0.0), "correct": totals.get("accuracy", 0.0),
                 "epoch_end": self.batch_in_epoch >= self.steps_per_epoch, "finished": self.finished}
 
     def evaluate(self, split: str = "test") -> dict[str, float]:
         """The task's own evaluation (EMA weights when EMA is on, as `fit` reports)."""
-        model = self.ema.module if self.ema is not None else self.model
         sync(self.device)
         start = time.perf_counter()
-        metrics = self.task.evaluate(model, split)
+        metrics = self.trainer.evaluate(split)
         sync(self.device)
         images = len(self.task.splits[split][0]) if hasattr(self.task, "splits") else 0
         return {**metrics, "seconds": time.perf_counter() - start, "images": images}

@@ -49,7 +49,7 @@ class _EngineFactory:
     device: str = "auto"
 
     def __call__(self) -> common.EngineTrainer:
-        return common.EngineTrainer(C.from_dict(self.cfg_dict), self.device)
+        return common.EngineTrainer(C.resolve(self.cfg_dict), self.device)
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "recipe")
@@ -71,9 +71,8 @@ def duboko_config(recipe: str, overrides: list[str], device: torch.device, preci
                   fast_switches: bool = True) -> C.RunConfig:
     """The duboko side's recipe: `recipe` with the fast switches for `device` (channels-last;
     bf16 only where the hardware computes it natively), then the user's `--set` overrides."""
-    name, raw = C.load_recipe_file(recipe)
     fast = _precision(precision, device) + (["train.channels_last=true"] if fast_switches else [])
-    cfg = C.resolve_dict(raw, name, C.parse_overrides(fast + list(overrides)))
+    cfg = C.resolve(recipe, fast + list(overrides))
     if cfg.task != "image-classification" or not str(cfg.model.get("name", "")).startswith("my_net"):
         raise DubokoError(f"bench mnist compares MY_NET image classifiers; recipe {recipe!r} trains "
                           f"{cfg.model.get('name')!r} for task {cfg.task!r}")
@@ -395,25 +394,15 @@ def format_report(result: dict[str, Any]) -> str:
 
 def plot_windows(result: dict[str, Any], path: str) -> None:
     """Images/s of every window, both sides, in run order: drift shows as both lines moving."""
-    import matplotlib
+    from duboko.evaluate.plots import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from duboko.io import atomic_write_bytes
-    import io
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for name, color in (("reference", "tab:gray"), ("duboko", "tab:blue")):
-        rates = [w["images_per_s"] for w in result[name]["windows"]]
-        ax.plot(range(1, len(rates) + 1), rates, "o-", color=color, label=f"{name} ({result[name]['images_per_s']:.0f}/s)")
-    ax.set_xlabel("window")
-    ax.set_ylabel("images/s")
-    ax.set_ylim(bottom=0)
-    ax.set_title(f"bench mnist ({result['mode']}) on {result['hardware'].get('gpu') or result['hardware']['cpu']}")
-    ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    with figure(path, size=(7, 3.5), dpi=110) as (_, axes):
+        ax = axes[0][0]
+        for name, color in (("reference", "tab:gray"), ("duboko", "tab:blue")):
+            rates = [w["images_per_s"] for w in result[name]["windows"]]
+            ax.plot(range(1, len(rates) + 1), rates, "o-", color=color, label=f"{name} ({result[name]['images_per_s']:.0f}/s)")
+        ax.set_xlabel("window")
+        ax.set_ylabel("images/s")
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"bench mnist ({result['mode']}) on {result['hardware'].get('gpu') or result['hardware']['cpu']}")
+        ax.legend()

@@ -1,5 +1,5 @@
 """`duboko bench lm` and `duboko bench diffusion`: training throughput of every recipe of a family
-through the engine's own step (`common.EngineTrainer`), plus sampling speed for diffusion (DDPM's
+through the engine's own `Trainer.step` (`common.EngineTrainer`), plus sampling speed for diffusion (DDPM's
 full chain against DDIM's few steps).
 
 Items are what the task counts in its step statistics: tokens for language models, images for
@@ -66,7 +66,7 @@ def bench_recipe(name: str, overrides: list[str], *, windows: int, window: int, 
 
 def sampling_speed(trainer: common.EngineTrainer, samples: int, ddpm_steps: int, ddim_steps: int) -> dict[str, Any]:
     """Sampled images/s with DDPM (ancestral, `ddpm_steps`) and DDIM (`ddim_steps`)."""
-    task, model = trainer.task, (trainer.ema.module if trainer.ema is not None else trainer.model)
+    task, model = trainer.task, trainer.trainer.eval_model()
     model.eval()
     out = {}
     labels = task.balanced_labels(samples) if getattr(task, "conditioning", None) == "class" else None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 from duboko.errors import DubokoError
@@ -116,70 +115,19 @@ def cmd_summary(args) -> int:
     return 0
 
 
-def plot_activations(path: str | Path, names: list[str] | None = None, x_range: float = 5.0) -> list[str]:
-    """One panel per activation: the function (solid) and its derivative (dashed)."""
-    import math
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import torch
-
-    from duboko.evaluate.plots import save_figure
-    from duboko.nn import activations as A
-
-    names = names or A.activation_names()
-    for n in names:
-        A.get(n)  # unknown names fail with the list of valid ones
-    if x_range <= 0:
-        raise DubokoError(f"--range must be > 0, got {x_range}")
-    x = torch.linspace(-x_range, x_range, 801, dtype=torch.float64)
-    cols = min(4, len(names))
-    rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
-    for i, name in enumerate(names):
-        act = A.get(name)
-        ax = axes[i // cols][i % cols]
-        if act.elementwise:
-            y, dy = act.fn(x), act.derivative(x)
-            title = f"{name}: {act.formula}"
-            ax.plot(x, y, label=f"{name}(x)")
-            ax.plot(x, dy, "--", label=f"{name}'(x)")
-        else:  # softmax of the logits [x, 0]: its first entry (= sigmoid(x)) and ∂s₀/∂x₀
-            logits = torch.stack([x, torch.zeros_like(x)], dim=-1)
-            y, dy = act.fn(logits)[:, 0], act.derivative(logits)[:, 0]
-            title = f"softmax([x, 0])₀: {act.formula}"
-            ax.plot(x, y, label="s₀")
-            ax.plot(x, dy, "--", label="∂s₀/∂x₀ = s₀(1-s₀)")
-        ax.axhline(0, color="gray", lw=0.5)
-        ax.axvline(0, color="gray", lw=0.5)
-        ax.set_title(title, fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for k in range(len(names), rows * cols):
-        axes[k // cols][k % cols].axis("off")
-    fig.suptitle("activations (solid) and their derivatives (dashed)")
-    fig.tight_layout()
-    save_figure(fig, path)
-    return names
-
-
 def cmd_activations(args) -> int:
     import torch
 
-    from duboko.nn import activations as A
+    from duboko.evaluate.activations import activation_values, plot_activations
 
+    if args.x_range <= 0:
+        raise DubokoError(f"--range must be > 0, got {args.x_range}")
     names = [n.strip() for n in args.names.split(",") if n.strip()] or None
     shown = plot_activations(args.out, names, args.x_range)
     points = torch.tensor([-2.0, 0.0, 2.0], dtype=torch.float64)
     print(f"{'activation':<11} " + "  ".join(f"f({v:g})    f'({v:g})  " for v in points.tolist()))
-    for name in shown:
-        act = A.get(name)
-        if not act.elementwise:
-            continue
-        y, dy = act.fn(points), act.derivative(points)
-        print(f"{name:<11} " + "  ".join(f"{a:+.4f}  {b:+.4f}  " for a, b in zip(y.tolist(), dy.tolist())))
+    for name, (y, dy) in activation_values(shown, points).items():
+        print(f"{name:<11} " + "  ".join(f"{a:+.4f}  {b:+.4f}  " for a, b in zip(y, dy)))
     print(f"wrote {args.out}")
     return 0
 

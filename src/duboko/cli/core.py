@@ -90,28 +90,19 @@ def cmd_train(args) -> int:
     from duboko.train.engine import fit
     from duboko.train.run import CONFIG
 
-    overrides = list(args.overrides)
-    if args.device:
-        overrides.append(f"train.device={args.device}")
+    overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device else [])
     if args.resume:
         if args.recipe:
             raise DubokoError("give either a RECIPE or --resume RUN, not both")
-        run = Path(args.resume)
-        if not (run / CONFIG).exists():
-            raise DubokoError(f"cannot resume: {run / CONFIG} does not exist")
-        from duboko.io import read_json
-
-        raw = read_json(run / CONFIG)
-        cfg = C.resolve_dict({k: raw[k] for k in ("description", "task", "model", "data", "train") if k in raw},
-                             raw.get("recipe", run.name), C.parse_overrides(_data_dir_override(args, raw) + overrides))
-        cfg.recipe = raw.get("recipe", cfg.recipe)
-        out = run
+        out = Path(args.resume)
+        if not (out / CONFIG).is_file():
+            raise DubokoError(f"cannot resume: {out / CONFIG} does not exist")
+        cfg = C.resolve(out, overrides, data_dir=args.data_dir, resume=True)
     else:
         if not args.recipe:
             raise DubokoError("name a recipe (see `duboko recipes`) or pass --resume RUN")
-        name, raw = C.load_recipe_file(args.recipe)
-        cfg = C.resolve_dict(raw, name, C.parse_overrides(_data_dir_override(args, raw) + overrides))
-        out = Path(args.out) if args.out else _default_out(name)
+        cfg = C.resolve(args.recipe, overrides, data_dir=args.data_dir)
+        out = Path(args.out) if args.out else _default_out(cfg.recipe)
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
@@ -119,37 +110,15 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _data_dir_override(args, raw: dict) -> list[str]:
-    if not args.data_dir:
-        return []
-    from duboko.tasks import get_task_cls
-    import dataclasses
-
-    fields = {f.name for f in dataclasses.fields(get_task_cls(raw.get("task", "")).data_config)}
-    key = "data_dir" if "data_dir" in fields else "path"
-    return [f"data.{key}={json.dumps(args.data_dir)}"]
-
-
-def _writable(path: Path) -> bool:
-    return os.access(path, os.W_OK)
-
-
 def cmd_eval(args) -> int:
-    from duboko.train.run import load_run, read_history
+    from duboko.train.run import evaluate_run, load_run
 
-    loaded = load_run(args.run, args.device)
-    if args.data_dir and hasattr(loaded.config.data, "data_dir"):
-        loaded.config.data.data_dir = args.data_dir
-        loaded.task.setup(loaded.run_dir)
-    run_dir = Path(args.run)
-    val = {f"val_{k}": v for k, v in loaded.task.evaluate(loaded.model, "val").items()}
-    final = loaded.task.final_metrics(loaded.model, run_dir if _writable(run_dir) and not args.json else None, read_history(run_dir)) or {}
-    text = final.pop("report_text", None)
-    metrics = {"run": str(run_dir), "recipe": loaded.config.recipe, **val, **final}
+    loaded = load_run(args.run, args.device, data_dir=args.data_dir)
+    metrics, report = evaluate_run(loaded, write_files=os.access(loaded.run_dir, os.W_OK) and not args.json)
     if args.json:
         print(json.dumps(metrics))
-    elif text:
-        print(text)
+    elif report:
+        print(report)
     else:
         for k, v in metrics.items():
             if not isinstance(v, (dict, list)):

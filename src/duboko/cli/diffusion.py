@@ -8,7 +8,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 EXAMPLES_SAMPLE = """examples:
   duboko sample runs/ddpm --n 64 --sampler ddim --steps 50 --seed 0 --out grid.png
@@ -81,36 +80,27 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_trajectory)
 
 
-def _load(run: str, device: str):
-    from duboko.errors import DubokoError
-    from duboko.train.run import load_run
-
-    loaded = load_run(run, device)
-    if loaded.config.task != "diffusion":
-        raise DubokoError(f"run {run!r} is a {loaded.config.task!r} run; sampling needs a diffusion run")
-    return loaded
+DIFFUSION = ("diffusion",)  # the runs these commands read
 
 
-def _condition_args(task, args, n: int) -> dict:
-    from duboko.data import captions
+def _conditions(task, label: int | None, prompt: str | None, n: int) -> dict:
+    """--label / --prompt as the `labels` / `prompts` of `task.generate` for n images; with
+    neither, a conditioned run draws the digits 0-9 in turn (the task turns labels into
+    held-out captions for a text run)."""
     from duboko.errors import DubokoError
 
-    if args.label is not None and not 0 <= args.label <= 9:
-        raise DubokoError(f"--label must be a digit 0-9, got {args.label}")
-    if task.conditioning == "none":
-        if args.label is not None or args.prompt:
-            raise DubokoError("this run is unconditional: it takes no --label or --prompt")
-        return {}
-    if task.conditioning == "class":
-        if args.prompt:
-            raise DubokoError("this run is label-conditioned: use --label, not --prompt")
-        return {"labels": [args.label] * n if args.label is not None else task.balanced_labels(n)}
-    if args.label is not None and not args.prompt:
+    if label is not None and not 0 <= label <= 9:
+        raise DubokoError(f"--label must be a digit 0-9, got {label}")
+    if task.conditioning == "text" and label is not None and not prompt:
         raise DubokoError("this run is prompt-conditioned: use --prompt \"a handwritten seven\", not --label")
-    if args.prompt is not None:
-        task.tokenizer.encode(args.prompt)  # clear error before any work
-        return {"prompts": [args.prompt] * n}
-    return {"prompts": [captions.caption(y, captions.HELD_OUT_TEMPLATES[0]) for y in task.balanced_labels(n)]}
+    if prompt or (prompt is not None and task.conditioning == "text"):  # --prompt "": the empty (null) prompt
+        cond = {"prompts": [prompt] * n}
+    elif label is not None:
+        cond = {"labels": [label] * n}
+    else:
+        cond = {"labels": task.balanced_labels(n)} if task.conditioning != "none" else {}
+    task.condition_for(**cond)  # a condition that does not fit the run fails here, before any sampling
+    return cond
 
 
 def _steps(args, task) -> int | None:
@@ -125,11 +115,12 @@ def cmd_sample(args) -> int:
     from tqdm import tqdm
 
     from duboko.errors import DubokoError
-    from duboko.tasks.diffusion import save_grid
+    from duboko.evaluate.plots import save_grid
+    from duboko.train.verify import load_run_of
 
     if args.n < 1:
         raise DubokoError(f"--n must be >= 1, got {args.n}")
-    loaded = _load(args.run, args.device)
+    loaded = load_run_of(args.run, DIFFUSION, args.device)
     task, model = loaded.task, loaded.model
     steps = _steps(args, task)
     if args.metrics:
@@ -154,11 +145,11 @@ def cmd_sample(args) -> int:
             for k, v in metrics.items():
                 print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
         return 0
-    cond = _condition_args(task, args, args.n)
+    cond = _conditions(task, args.label, args.prompt, args.n)
     bar = tqdm(total=1, desc="denoising", unit="step", file=sys.stderr)
 
     def progress(i, total):
-        bar.total = total
+        bar.total = total  # the number of steps the sampler takes
         bar.update(1)
 
     t0 = time.perf_counter()
@@ -169,24 +160,14 @@ def cmd_sample(args) -> int:
     nrow = args.nrow or (10 if (task.conditioning != "none" and args.label is None and args.prompt is None) else 8)
     save_grid(result.images, args.out, nrow=nrow)
     print(f"{args.n} image(s) -> {args.out}  ({args.sampler or task.config.data.sampler}, "
-          f"{len(result_steps(task, args, steps))} steps, {seconds:.1f}s on {loaded.device})")
+          f"{bar.total} steps, {seconds:.1f}s on {loaded.device})")
     return 0
 
 
-def result_steps(task, args, steps):
-    from duboko.diffusion.schedulers import make_scheduler
-
-    sched = make_scheduler(args.sampler or task.config.data.sampler, task.schedule)
-    return sched.set_timesteps(steps or task.config.data.sample_steps)
-
-
 def cmd_noising(args) -> int:
-    import torch
-
     from duboko.data.mnist import load_mnist
-    from duboko.diffusion.schedulers import DDPMScheduler
     from duboko.errors import DubokoError
-    from duboko.evaluate.plots import _plt, save_figure
+    from duboko.evaluate.diffusion import plot_noising
 
     try:
         ts = [int(v) for v in args.timesteps.split(",") if v.strip()]
@@ -196,71 +177,29 @@ def cmd_noising(args) -> int:
     images, labels = load_mnist("test", args.data_dir)
     if not 0 <= args.index < len(images):
         raise DubokoError(f"--index must be in 0..{len(images) - 1}, got {args.index}")
-    x0 = images[args.index].float()[None, None] / 127.5 - 1  # (1, 1, 28, 28) in [-1, 1]
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(args.seed))
-    plt = _plt()
-    fig, axes = plt.subplots(len(schedules), len(ts), figsize=(1.6 * len(ts), 1.9 * len(schedules)), squeeze=False)
-    for r, name in enumerate(schedules):
-        sched = DDPMScheduler(beta_schedule=name)
-        T = sched.num_train_timesteps
-        for c, t in enumerate(ts):
-            if not 0 <= t <= T:
-                raise DubokoError(f"timesteps must be in 0..{T}, got {t}")
-            if t == 0:
-                xt, abar = x0, 1.0
-            else:  # t steps of noising: index t-1 of the 0-based schedule
-                xt = sched.add_noise(x0, noise, torch.tensor([t - 1]))
-                abar = float(sched.alphas_cumprod[t - 1])
-            ax = axes[r][c]
-            ax.imshow(xt[0, 0].clamp(-1, 1).numpy(), cmap="gray", vmin=-1, vmax=1)
-            ax.set_title(f"t = {t}\nᾱ = {abar:.3f}", fontsize=8)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c == 0:
-                ax.set_ylabel(name, fontsize=9)
-    fig.suptitle(f"Forward process on MNIST test image {args.index} (a {int(labels[args.index])})", fontsize=10)
-    save_figure(fig, args.out)
+    title = f"Forward process on MNIST test image {args.index} (a {int(labels[args.index])})"
+    plot_noising(images[args.index], args.out, ts, schedules, args.seed, title)
     print(f"forward-noising strip ({', '.join(schedules)}; t = {', '.join(map(str, ts))}) -> {args.out}")
     return 0
 
 
 def cmd_trajectory(args) -> int:
     from duboko.errors import DubokoError
-    from duboko.evaluate.plots import _plt, save_figure
+    from duboko.evaluate.diffusion import plot_trajectory
+    from duboko.train.verify import load_run_of
 
     if args.frames < 2:
         raise DubokoError(f"--frames must be >= 2, got {args.frames}")
-    loaded = _load(args.run, args.device)
+    loaded = load_run_of(args.run, DIFFUSION, args.device)
     task, model = loaded.task, loaded.model
-    cond = _condition_args(task, args, 1)
     if task.conditioning != "none" and not (args.label is not None or args.prompt):
         raise DubokoError("pass --label or --prompt for a conditioned run")
+    cond = _conditions(task, args.label, args.prompt, 1)
     keep = max(1, args.steps // (args.frames - 1))
     result = task.generate(model, 1, sampler=args.sampler, steps=args.steps, guidance=args.guidance, seed=args.seed,
                            keep_every=keep, **cond)
-    frames = result.trajectory[:-1]
-    preds = result.predictions
-    plt = _plt()
-    cols = len(frames) + 1
-    fig, axes = plt.subplots(2, cols, figsize=(1.3 * cols, 3.0), squeeze=False)
-    for c in range(cols):
-        for r in range(2):
-            ax = axes[r][c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c < len(frames):
-                t, img = (frames[c] if r == 0 else preds[c])
-                ax.imshow(img[0, 0].clamp(-1, 1).numpy(), cmap="gray", vmin=-1, vmax=1)
-                if r == 0:
-                    ax.set_title(f"t = {t}", fontsize=8)
-            else:
-                ax.imshow(result.images[0, 0].cpu().numpy(), cmap="gray", vmin=-1, vmax=1)
-                if r == 0:
-                    ax.set_title("result", fontsize=8)
-            if c == 0:
-                ax.set_ylabel("x_t" if r == 0 else "x̂_0", fontsize=9)
     what = f"prompt {args.prompt!r}" if args.prompt else (f"label {args.label}" if args.label is not None else "unconditional")
-    fig.suptitle(f"Denoising trajectory ({what}, {args.sampler or task.config.data.sampler}, {args.steps} steps)", fontsize=10)
-    save_figure(fig, args.out)
-    print(f"denoising trajectory ({len(frames)} frames) -> {args.out}")
+    plot_trajectory(result, args.out, f"Denoising trajectory ({what}, {args.sampler or task.config.data.sampler}, "
+                    f"{args.steps} steps)")
+    print(f"denoising trajectory ({len(result.trajectory) - 1} frames) -> {args.out}")
     return 0

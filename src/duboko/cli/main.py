@@ -1,8 +1,9 @@
 """The `duboko` command line.
 
 Each family's commands live in their own module under `duboko.cli` with a
-`register(subparsers)` function; this file only assembles them and turns user errors
-(`DubokoError`) into one line on stderr and exit code 2.
+`register(subparsers)` function; this file only assembles them (every module of the package
+that has one: a new command module is one new file) and turns user errors (`DubokoError`) into
+one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -10,20 +11,23 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import pkgutil
 import sys
 
 from duboko import __version__
 from duboko.errors import DubokoError
 
-COMMAND_MODULES = [
-    "duboko.cli.core",  # recipes, models, train, eval, predict
-    "duboko.cli.basics",  # summary, activations, compare, gradcheck
-    "duboko.cli.text",  # generate, next-word, gradflow
-    "duboko.cli.transformer",  # translate, attention
-    "duboko.cli.diffusion",  # sample, noising
-    "duboko.cli.bench",  # bench
-    "duboko.cli.trust",  # import-weights, verify
-]
+# The core commands (recipes, models, train, eval, predict) come first in `duboko --help`.
+FIRST = "core"
+
+
+def command_modules() -> list[str]:
+    """Every module of `duboko.cli` with a `register(subparsers)`, core first, then by name."""
+    import duboko.cli
+
+    names = sorted(m.name for m in pkgutil.iter_modules(duboko.cli.__path__) if m.name not in ("main", "__main__"))
+    names.sort(key=lambda n: n != FIRST)
+    return [f"duboko.cli.{n}" for n in names]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,8 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"duboko {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    for name in command_modules():
+        module = importlib.import_module(name)
+        if hasattr(module, "register"):
+            module.register(sub)
     return parser
 
 

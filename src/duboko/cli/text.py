@@ -68,17 +68,12 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_gradflow)
 
 
-def _load(run: str, device: str):
-    from duboko.train.run import load_run
-
-    loaded = load_run(run, device=device)
-    if loaded.config.task != "language-model":
-        raise DubokoError(f"{run} is a {loaded.config.task!r} run; expected a language-model run")
-    return loaded
+LANGUAGE_MODEL = ("language-model",)  # the runs these commands read
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from duboko.nn.sampling import TextStreamer, generate
+    from duboko.train.verify import load_run_of
 
     if args.max_new_tokens < 1:
         raise DubokoError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -90,7 +85,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise DubokoError(f"--top-k must be >= 0, got {args.top_k}")
     if args.repetition_penalty <= 0:
         raise DubokoError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
-    loaded = _load(args.run, args.device)
+    loaded = load_run_of(args.run, LANGUAGE_MODEL, args.device)
     tok = loaded.task.tokenizer
     prompt = args.prompt if args.prompt else "\n"
     ids = tok.encode(prompt)
@@ -114,30 +109,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def next_token_table(model, tokenizer, text: str, top: int, temperature: float = 1.0) -> list[tuple[str, int, float]]:
-    """[(token text, id, probability)] of the `top` most likely next tokens after `text`."""
-    import torch
-
-    ids = tokenizer.encode(text)
-    if not ids:
-        raise DubokoError(f"the text {text!r} encodes to no tokens")
-    block = getattr(model.config, "block_size", None)
-    if block:
-        ids = ids[-block:]
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        logits, _ = model(torch.tensor([ids], device=device))
-    probs = torch.softmax(logits[0, -1].float().cpu() / temperature, dim=-1)
-    values, order = torch.topk(probs, min(top, probs.numel()))
-    return [(tokenizer.token_text(int(i)), int(i), float(v)) for v, i in zip(values, order)]
-
-
 def cmd_next_word(args: argparse.Namespace) -> int:
+    from duboko.evaluate.next_token import next_token_table
+    from duboko.train.verify import load_run_of
+
     if args.top < 1:
         raise DubokoError(f"--top must be >= 1, got {args.top}")
     if args.temperature <= 0:
         raise DubokoError(f"--temperature must be > 0, got {args.temperature}")
-    loaded = _load(args.run, args.device)
+    loaded = load_run_of(args.run, LANGUAGE_MODEL, args.device)
     rows = next_token_table(loaded.model, loaded.task.tokenizer, args.text, args.top, args.temperature)
     if args.json:
         print(json.dumps([{"token": t, "id": i, "probability": p} for t, i, p in rows], indent=2))
@@ -155,81 +135,30 @@ def _show(token: str) -> str:
     return stripped if stripped.strip() and stripped == stripped.strip() else repr(token)
 
 
-def gradient_flow(model, x, y):
-    """Mean over the batch of ‖∂ loss(last step) / ∂ embedding(step t)‖ for t = 0..T-1.
-
-    x, y: (B, T) token ids and next-token targets. Needs `model.embedding` and
-    `model.forward_embeddings` (the rnn family). Returns a list of T floats, index t."""
-    import torch
-    import torch.nn.functional as F
-
-    if not hasattr(model, "forward_embeddings"):
-        raise DubokoError(
-            f"gradflow needs a recurrent language model (the rnn family); got {type(model).__name__}"
-        )
-    was_training = model.training
-    model.eval()  # no dropout; autograd still works
-    try:
-        with torch.enable_grad(), torch.backends.cudnn.flags(enabled=False):  # cuDNN RNN backward needs train mode
-            emb = model.embedding(x).detach().requires_grad_(True)  # (B, T, E)
-            logits, _ = model.forward_embeddings(emb)  # (B, T, V)
-            loss = F.cross_entropy(logits[:, -1].float(), y[:, -1])  # loss at the last step only
-            (grad,) = torch.autograd.grad(loss, emb)
-    finally:
-        model.train(was_training)
-    return grad.norm(dim=-1).mean(0).tolist()  # (T,)
-
-
 def cmd_gradflow(args: argparse.Namespace) -> int:
-    import torch
-
-    from duboko.io import atomic_write_bytes, atomic_write_json
+    from duboko.evaluate.gradflow import gradient_by_distance, plot_gradient_flow
+    from duboko.io import atomic_write_json
+    from duboko.train.verify import load_run_of
 
     if args.steps < 2 or args.batch < 1:
         raise DubokoError(f"--steps must be >= 2 and --batch >= 1, got {args.steps} and {args.batch}")
+    T = args.steps
     curves = {}
     for run in args.runs:
-        loaded = _load(run, args.device)
-        task, model = loaded.task, loaded.model
-        task._ensure_data()
-        ids = task.val_ids
-        T = args.steps
+        loaded = load_run_of(run, LANGUAGE_MODEL, args.device)
+        loaded.task._ensure_data()
+        ids = loaded.task.val_ids
         if len(ids) < T + 2:
             raise DubokoError(f"{run}: validation text has {len(ids)} tokens, fewer than --steps {T}")
-        g = torch.Generator().manual_seed(args.seed)
-        starts = torch.randint(0, len(ids) - T - 1, (args.batch,), generator=g)
-        index = starts[:, None] + torch.arange(T)
-        x, y = ids[index].to(loaded.device), ids[index + 1].to(loaded.device)
-        norms = gradient_flow(model, x, y)
+        by_distance = gradient_by_distance(loaded.model, ids, T, args.batch, args.seed)  # index k = T-1-t
         cfg = loaded.config.model
         label = f"{Path(run).name} ({cfg.get('cell', cfg['name'])}, {cfg.get('num_layers', '?')}x{cfg.get('hidden_size', '?')})"
-        by_distance = list(reversed(norms))  # index k = T-1-t steps back from the loss
         curves[label] = by_distance
         shown = [k for k in (0, 10, 50, 100, 150, T - 1) if k < T]
         cells = "  ".join(f"k={k}: {by_distance[k]:.2e}" for k in sorted(set(shown)))
         print(f"{label}: |dL_T/dx_(T-k)|  {cells}")
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import io
-
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for label, values in curves.items():
-        ax.semilogy(range(len(values)), [max(v, 1e-30) for v in values], label=label)
-    ax.set_xlabel("steps back from the loss, k = T-1-t")
-    ax.set_ylabel("mean ‖∂L_T / ∂x_t‖ (log scale)")
-    ax.set_title("Gradient of the last step's loss w.r.t. earlier inputs")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
     out = Path(args.out)
-    atomic_write_bytes(out, buf.getvalue())
+    plot_gradient_flow(curves, out)
     atomic_write_json(out.with_suffix(".json"), {"steps": args.steps, "batch": args.batch, "seed": args.seed,
                                                  "grad_norm_by_steps_back": curves})
     print(f"wrote {out} and {out.with_suffix('.json')}")

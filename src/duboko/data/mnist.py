@@ -4,6 +4,10 @@ Search order: `--data-dir` (``data_dir``), then ``$DUBOKO_DATA``, then the copy 
 package, then the user cache (``$XDG_CACHE_HOME/duboko/mnist``). A download from the usual public
 mirrors into the cache happens only when asked (``download=True``) or when no local copy exists,
 and when offline the error says what was tried.
+
+What the MNIST tasks (image classification, diffusion) share sits on top: `load_split` keeps the
+first `limit` images only, and `hold_out_validation` holds a fixed random validation split out of
+the training images.
 """
 
 from __future__ import annotations
@@ -17,12 +21,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from duboko.data.batching import fixed_split
 from duboko.data.idx import read_idx
 from duboko.errors import DubokoError
 from duboko.io import atomic_write_bytes
 
 MEAN, STD = 0.1307, 0.3081  # train-set pixel statistics in [0, 1]
 CLASSES = [str(i) for i in range(10)]
+# Seed of the fixed validation split held out of the training images: a constant, so the split is
+# the same for every run, rank and train.seed (and validation is comparable across runs).
+SPLIT_SEED = 1234
 
 FILES = {
     ("train", "images"): ("train-images-idx3-ubyte", "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db", (60000, 28, 28)),
@@ -120,3 +128,27 @@ def load_mnist(
     if labels.max() > 9:
         raise DubokoError(f"MNIST labels in {folder} hold {int(labels.max())}; expected 0-9")
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+Split = tuple[torch.Tensor, torch.Tensor]  # (uint8 images (N, 28, 28), int64 labels (N,))
+
+
+def load_split(
+    split: str, data_dir: str | os.PathLike | None = None, download: bool = False, limit: int = 0
+) -> Split:
+    """MNIST `split` ("train" or "test"), only its first `limit` images when limit > 0 (quick
+    runs and tests; 0 keeps all)."""
+    if limit < 0:
+        raise DubokoError(f"the MNIST image limit must be >= 0 (0: all), got {limit}")
+    images, labels = load_mnist(split, data_dir, download)
+    if limit:
+        images, labels = images[:limit], labels[:limit]
+    return images, labels
+
+
+def hold_out_validation(images: torch.Tensor, labels: torch.Tensor, n_val: int, seed: int = SPLIT_SEED) -> tuple[Split, Split]:
+    """((train images, labels), (val images, labels)): `n_val` images held out at random with the
+    fixed `seed` (`duboko.data.batching.fixed_split`); train keeps the rest in the split's
+    permuted order."""
+    train, val = fixed_split(len(images), n_val, seed)
+    return (images[train], labels[train]), (images[val], labels[val])

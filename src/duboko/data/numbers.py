@@ -30,6 +30,7 @@ import torch
 
 from duboko.errors import DubokoError
 from duboko.io import atomic_write_json, read_file_bytes, read_json
+from duboko.seeding import generator
 
 # ---------------------------------------------------------------------------------------------
 # Integers <-> English words.
@@ -107,7 +108,7 @@ class NumberSplits:
         self.max_number = max_number
         self.max_digits = len(str(max_number))
         self.seed = seed
-        g = torch.Generator().manual_seed(seed)
+        g = generator(seed)
         held: list[int] = []
         seen: set[int] = set()
         while len(held) < val_size + test_size:
@@ -128,7 +129,10 @@ class NumberSplits:
 
     def train_numbers(self, n: int, epoch: int = 0) -> list[int]:
         """n training numbers for `epoch` (new ones each epoch), never validation or test ones."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * (epoch + 1))
+        # The training stream of `epoch` is keyed 7919·(epoch + 1) under the split's seed (the key
+        # the numbers were always drawn with, so bundled recipes keep their data); never the
+        # held-out draw above, which is `generator(seed)` itself.
+        g = generator(self.seed, 7919 * (epoch + 1))
         out = []
         while len(out) < n:
             x = self._draw(g)
@@ -196,7 +200,7 @@ def split_pairs(
             f"{val_fraction} and {test_fraction}"
         )
     sources = sorted({s for s, _ in pairs})
-    order = torch.randperm(len(sources), generator=torch.Generator().manual_seed(seed)).tolist()
+    order = torch.randperm(len(sources), generator=generator(seed)).tolist()
     n_val = max(1, round(len(sources) * val_fraction))
     n_test = max(1, round(len(sources) * test_fraction))
     split_of = {}

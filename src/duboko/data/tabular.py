@@ -14,7 +14,6 @@ fitted on the train split only, so nothing about val/test leaks into training.
 from __future__ import annotations
 
 import csv
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -267,7 +266,3 @@ def make_splits(
         else:
             ys[split] = torch.from_numpy(table.target[rows]).long()
     return TabularSplits(xs, ys, x_scaler, y_scaler if regression else None, table)
-
-
-def num_batches(n: int, batch_size: int) -> int:
-    return math.ceil(n / batch_size)

@@ -31,6 +31,7 @@ import torch
 
 from duboko.errors import DubokoError, unknown_name
 from duboko.io import atomic_write_json, read_file_bytes
+from duboko.seeding import generator
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_KINDS = ("char", "word", "bpe")
@@ -120,8 +121,7 @@ def block_split(
         raise DubokoError(f"the corpus has only {n} tokens; need at least {num_blocks * 2} to split it")
     edges = [round(i * n / num_blocks) for i in range(num_blocks + 1)]
     n_val = min(num_blocks - 1, max(1, round(num_blocks * val_fraction)))
-    g = torch.Generator().manual_seed(seed)
-    val_ids = set(torch.randperm(num_blocks, generator=g)[:n_val].tolist())
+    val_ids = set(torch.randperm(num_blocks, generator=generator(seed))[:n_val].tolist())
     train, val = [], []
     for i in range(num_blocks):
         (val if i in val_ids else train).append((edges[i], edges[i + 1]))

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from duboko.diffusion.schedulers import DDIMScheduler, NoiseScheduler, SchedulerConfig, make_scheduler
+from duboko.diffusion.schedulers import DDIMScheduler, NoiseScheduler
 from duboko.errors import DubokoError
 
 
@@ -113,7 +113,3 @@ def sample(
     if keep_every:
         trajectory.append((-1, images.cpu()))
     return SampleResult(images, trajectory, predictions)
-
-
-def scheduler_for(sampler: str, schedule: SchedulerConfig) -> NoiseScheduler:
-    return make_scheduler(sampler, schedule)

@@ -62,15 +62,17 @@ class SchedulerConfig:
     timestep_spacing: str = "leading"  # leading (diffusers' default) | trailing (starts at T-1)
 
 
-def validate_scheduler_config(cfg: SchedulerConfig) -> None:
+def validate_scheduler_config(cfg: SchedulerConfig, prefix: str = "") -> None:
+    """Refuse unknown names and a non-positive T; errors name the fields as `prefix + field`
+    (a task passes "data." so that they name its config keys)."""
     if cfg.beta_schedule not in BETA_SCHEDULES:
-        raise unknown_name("beta schedule", cfg.beta_schedule, BETA_SCHEDULES)
+        raise unknown_name(f"{prefix}beta_schedule", cfg.beta_schedule, BETA_SCHEDULES)
     if cfg.prediction_type not in PREDICTION_TYPES:
-        raise unknown_name("prediction type", cfg.prediction_type, PREDICTION_TYPES)
+        raise unknown_name(f"{prefix}prediction_type", cfg.prediction_type, PREDICTION_TYPES)
     if cfg.timestep_spacing not in TIMESTEP_SPACINGS:
-        raise unknown_name("timestep spacing", cfg.timestep_spacing, TIMESTEP_SPACINGS)
+        raise unknown_name(f"{prefix}timestep_spacing", cfg.timestep_spacing, TIMESTEP_SPACINGS)
     if cfg.num_train_timesteps < 1:
-        raise DubokoError(f"num_train_timesteps must be >= 1, got {cfg.num_train_timesteps}")
+        raise DubokoError(f"{prefix}num_train_timesteps must be >= 1, got {cfg.num_train_timesteps}")
 
 
 class NoiseScheduler:

@@ -89,47 +89,41 @@ def metrics_to_plot(runs: list[RunCurves], wanted: list[str] | None = None) -> l
 
 def plot_compare(runs: list[RunCurves], out: str | Path, metrics: list[str] | None = None, title: str = "") -> list[str]:
     """Write the side-by-side curves to `out` (PNG); returns the metrics plotted."""
-    from duboko.evaluate.plots import save_figure
+    import matplotlib
+    from matplotlib.ticker import MaxNLocator
+
+    from duboko.evaluate.plots import figure
 
     if not runs:
         raise DubokoError("compare needs at least one run folder")
     chosen = metrics_to_plot(runs, metrics)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
     n = len(chosen)
     cols = min(n, 2)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.8 * rows), squeeze=False)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     extra = _differences(runs)
-    for i, metric in enumerate(chosen):
-        ax = axes[i // cols][i % cols]
-        for j, run in enumerate(runs):
-            colour = colours[j % len(colours)]
-            label = run.label + (f" ({extra[j]})" if extra[j] else "")
-            for prefix, style in (("train_", "-"), ("val_", "--")):
-                points = [(row["epoch"], row[prefix + metric]) for row in run.history
-                          if isinstance(row.get(prefix + metric), (int, float)) and row.get(prefix + metric) == row.get(prefix + metric)]
-                if points:
-                    xs, ys = zip(*points)
-                    ax.plot(xs, ys, style, color=colour, marker="o" if len(xs) < 15 else None, ms=3,
-                            label=f"{label} {prefix[:-1]}")
-        ax.set_title(metric)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if metric in ("loss", "perplexity") and _spread(ax) > 50:
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for k in range(n, rows * cols):
-        axes[k // cols][k % cols].axis("off")
-    fig.suptitle(title or "solid: train, dashed: validation")
-    fig.tight_layout()
-    save_figure(fig, out)
+    with figure(out, rows, cols, size=(6 * cols, 3.8 * rows), title=title or "solid: train, dashed: validation") as (fig, axes):
+        for i, metric in enumerate(chosen):
+            ax = axes[i // cols][i % cols]
+            for j, run in enumerate(runs):
+                colour = colours[j % len(colours)]
+                label = run.label + (f" ({extra[j]})" if extra[j] else "")
+                for prefix, style in (("train_", "-"), ("val_", "--")):
+                    points = [(row["epoch"], row[prefix + metric]) for row in run.history
+                              if isinstance(row.get(prefix + metric), (int, float)) and row.get(prefix + metric) == row.get(prefix + metric)]
+                    if points:
+                        xs, ys = zip(*points)
+                        ax.plot(xs, ys, style, color=colour, marker="o" if len(xs) < 15 else None, ms=3,
+                                label=f"{label} {prefix[:-1]}")
+            ax.set_title(metric)
+            ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if metric in ("loss", "perplexity") and _spread(ax) > 50:
+                ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        for k in range(n, rows * cols):
+            axes[k // cols][k % cols].axis("off")
     return chosen
 
 

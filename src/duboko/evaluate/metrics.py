@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 
@@ -80,7 +78,3 @@ def regression_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, fl
         "mae": err.abs().mean().item(),
         "r2": 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan"),
     }
-
-
-def bits_per_token(nats: float) -> float:
-    return nats / math.log(2)

@@ -1,3 +1,2 @@
-"""Model families. Importing this package registers every named variant in `duboko.registry`."""
-
-from duboko.models import cnn, mlp, rnn, scorer, transformer, unet  # noqa: F401
+"""Model families, one module each. `duboko.registry` imports every module of this package on its
+first look-up, and importing a module registers its named variants: a new family is one new file."""

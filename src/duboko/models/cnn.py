@@ -17,12 +17,43 @@ Shapes for the primer's 48×48 RGB input (B = batch):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from duboko.nn.checks import check_divisible, check_dropout
 from duboko.registry import register_model
+
+
+class ImageClassifierConfig(Protocol):
+    """The fields a `ConvClassifier` config has (MyNetConfig, models.scorer.ScorerConfig)."""
+
+    in_channels: int
+    image_size: int
+    num_classes: int
+    dropout: float
+
+
+class ConvClassifier(nn.Module):
+    """What the CNN classifiers share: the config checks, `features(x)` (B, F) written by each
+    subclass, then dropout and the linear layer `fc2` -> (B, num_classes) logits. Subclasses
+    create every layer (their names are the state dict's keys)."""
+
+    def __init__(self, config: ImageClassifierConfig):
+        super().__init__()
+        check_divisible("image_size", config.image_size, 4, "two 2×2 max-pools")
+        check_dropout(config.dropout)
+        self.config = config
+        self.pooled_side = config.image_size // 4  # side of the feature map after the two pools
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.dropout(self.features(x)))  # (B, num_classes) logits
 
 
 @dataclass
@@ -33,17 +64,12 @@ class MyNetConfig:
     dropout: float = 0.5  # dropout before the last layer
 
 
-class MyNet(nn.Module):
+class MyNet(ConvClassifier):
     """The primer's CNN: three 3×3 convolutions, two max-pools, two fully connected layers."""
 
     def __init__(self, config: MyNetConfig):
-        super().__init__()
-        if config.image_size % 4:
-            raise ValueError(f"image_size must be divisible by 4, got {config.image_size}")
-        if not 0.0 <= config.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {config.dropout}")
-        self.config = config
-        side = config.image_size // 4
+        super().__init__(config)
+        side = self.pooled_side
         self.conv1 = nn.Conv2d(config.in_channels, 32, kernel_size=3, padding=1)
         self.conv2 = nn.Conv2d(32, 64, kernel_size=3, padding=1)
         self.pool1 = nn.MaxPool2d(2, 2)
@@ -66,29 +92,13 @@ class MyNet(nn.Module):
         x = torch.flatten(x, 1)  # (B, 128·H/4·W/4)
         return F.relu(self.fc1(x), inplace=True)  # (B, 512)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.dropout(self.features(x)))  # (B, num_classes) logits
 
-
-def _image_input(config: MyNetConfig, batch_size: int) -> tuple[torch.Tensor]:
+def image_input(config: ImageClassifierConfig, batch_size: int) -> tuple[torch.Tensor]:
+    """An example batch (B, in_channels, image_size, image_size) for an image classifier's config."""
     return (torch.randn(batch_size, config.in_channels, config.image_size, config.image_size),)
 
 
-register_model(
-    "my_net",
-    family="cnn",
-    model_cls=MyNet,
-    config_cls=MyNetConfig,
-    description="The primer's CNN: conv 3→32→64, pool, conv 64→128, pool, fc 18432→512→classes",
-    example_input=_image_input,
-)
-register_model(
-    "my_net_28",
-    family="cnn",
-    model_cls=MyNet,
-    config_cls=MyNetConfig,
-    description="MY_NET on raw 28×28 grey MNIST (one input channel)",
-    example_input=_image_input,
-    in_channels=1,
-    image_size=28,
-)
+# Registered variants: the family's arguments once, then each name with what it overrides.
+_register = partial(register_model, family="cnn", model_cls=MyNet, config_cls=MyNetConfig, example_input=image_input)
+_register("my_net", description="The primer's CNN: conv 3→32→64, pool, conv 64→128, pool, fc 18432→512→classes")
+_register("my_net_28", description="MY_NET on raw 28×28 grey MNIST (one input channel)", in_channels=1, image_size=28)

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
 
 from duboko.errors import unknown_name
 from duboko.nn.activations import HIDDEN_ACTIVATIONS, get_activation
+from duboko.nn.checks import check_at_least_one, check_dropout
 from duboko.registry import register_model
 
 
@@ -44,14 +46,10 @@ class MLP(nn.Module):
         super().__init__()
         if config.activation not in HIDDEN_ACTIVATIONS:
             raise unknown_name("hidden activation", config.activation, HIDDEN_ACTIVATIONS)
-        if config.in_features < 1 or config.out_features < 1:
-            raise ValueError(
-                f"in_features and out_features must be >= 1, got {config.in_features} and {config.out_features}"
-            )
+        check_at_least_one(in_features=config.in_features, out_features=config.out_features)
         if any(h < 1 for h in config.hidden_sizes):
             raise ValueError(f"hidden_sizes must all be >= 1, got {config.hidden_sizes}")
-        if not 0.0 <= config.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {config.dropout}")
+        check_dropout(config.dropout)
         self.config = config
         self.flatten = nn.Flatten()
         layers: OrderedDict[str, nn.Module] = OrderedDict()
@@ -85,19 +83,11 @@ def _mnist_input(config: MLPConfig, batch_size: int) -> tuple[torch.Tensor]:
     return _vector_input(config, batch_size)
 
 
-register_model(
-    "mlp",
-    family="mlp",
-    model_cls=MLP,
-    config_cls=MLPConfig,
-    description="Multi-layer perceptron: any depth/width, activation by name, dropout",
-    example_input=_vector_input,
-)
-register_model(
+# Registered variants: the family's arguments once, then each name with what it overrides.
+_register = partial(register_model, family="mlp", model_cls=MLP, config_cls=MLPConfig, example_input=_vector_input)
+_register("mlp", description="Multi-layer perceptron: any depth/width, activation by name, dropout")
+_register(
     "mlp-mnist",
-    family="mlp",
-    model_cls=MLP,
-    config_cls=MLPConfig,
     description="MLP for 28×28 MNIST digits: 784→512→256→10, ReLU, dropout 0.2",
     example_input=_mnist_input,
     in_features=784,
@@ -105,13 +95,9 @@ register_model(
     out_features=10,
     dropout=0.2,
 )
-register_model(
+_register(
     "mlp-tabular",
-    family="mlp",
-    model_cls=MLP,
-    config_cls=MLPConfig,
     description="Small MLP for tabular sets (in/out features are filled from the data): 64→64",
-    example_input=_vector_input,
     in_features=64,
     hidden_sizes=[64, 64],
     out_features=10,

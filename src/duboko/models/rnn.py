@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from duboko.nn.checks import check_at_least_one, check_dropout, check_one_of
 from duboko.registry import register_model
 
 # h, or (h, c) for the LSTM; each (num_layers, B, hidden_size).
@@ -136,8 +138,7 @@ class ReadableRNN(nn.Module):
     def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1,
                  dropout: float = 0.0, batch_first: bool = True):
         super().__init__()
-        if mode not in GATES:
-            raise ValueError(f"cell must be one of {sorted(GATES)}, got {mode!r}")
+        check_one_of("cell", mode, GATES)
         if not batch_first:
             raise ValueError("ReadableRNN is batch-first only")
         self.mode, self.hidden_size, self.num_layers, self.dropout = mode, hidden_size, num_layers, dropout
@@ -216,17 +217,10 @@ class RNNLanguageModel(nn.Module):
 
     def __init__(self, config: RNNLMConfig):
         super().__init__()
-        if config.cell not in GATES:
-            raise ValueError(f"cell must be one of lstm, gru, rnn; got {config.cell!r}")
-        if config.implementation not in ("fused", "readable"):
-            raise ValueError(f"implementation must be fused or readable, got {config.implementation!r}")
-        if config.vocab_size < 1 or config.hidden_size < 1 or config.num_layers < 1:
-            raise ValueError(
-                f"vocab_size, hidden_size and num_layers must be >= 1, got {config.vocab_size}, "
-                f"{config.hidden_size}, {config.num_layers}"
-            )
-        if not 0.0 <= config.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {config.dropout}")
+        check_one_of("cell", config.cell, GATES)
+        check_one_of("implementation", config.implementation, ("fused", "readable"))
+        check_at_least_one(vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_layers=config.num_layers)
+        check_dropout(config.dropout)
         emb_dim = config.embedding_dim or config.hidden_size
         if config.tie_weights and emb_dim != config.hidden_size:
             raise ValueError(
@@ -264,38 +258,25 @@ class RNNLanguageModel(nn.Module):
         return self.forward_embeddings(self.embedding(idx), state)  # idx (B, T) -> (B, T, vocab)
 
 
-def detach_state(state: State | None) -> State | None:
-    """Cut the graph at a batch boundary (truncated back-propagation through time)."""
-    if state is None:
-        return None
-    if isinstance(state, tuple):
-        return tuple(s.detach() for s in state)
-    return state.detach()
-
-
 def _token_input(config: RNNLMConfig, batch_size: int) -> tuple[torch.Tensor]:
     return (torch.randint(0, config.vocab_size, (batch_size, 64)),)
 
 
+# Registered variants: the family's arguments once, then each name with what it overrides.
+_register = partial(
+    register_model, family="rnn", model_cls=RNNLanguageModel, config_cls=RNNLMConfig, example_input=_token_input
+)
 for _cell, _what in (("lstm", "LSTM"), ("gru", "GRU"), ("rnn", "plain tanh RNN")):
-    register_model(
+    _register(
         f"{_cell}-char",
-        family="rnn",
-        model_cls=RNNLanguageModel,
-        config_cls=RNNLMConfig,
         description=f"Character-level {_what} language model: embedding -> 1x512 {_cell.upper()} -> head",
-        example_input=_token_input,
         cell=_cell,
         hidden_size=512,
         num_layers=1,
     )
-register_model(
+_register(
     "lstm-word",
-    family="rnn",
-    model_cls=RNNLanguageModel,
-    config_cls=RNNLMConfig,
     description="Word-level LSTM language model: 2x512 LSTM, tied embeddings, dropout 0.3",
-    example_input=_token_input,
     cell="lstm",
     hidden_size=512,
     num_layers=2,

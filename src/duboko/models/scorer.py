@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from duboko.models.cnn import ConvClassifier, image_input
 from duboko.registry import register_model
 
 
@@ -34,15 +35,12 @@ class ScorerConfig:
     dropout: float = 0.25  # dropout before the classifier layer
 
 
-class MnistScorer(nn.Module):
+class MnistScorer(ConvClassifier):
     """Three 3×3 convolutions, two max-pools, a 64-wide feature layer and a linear classifier."""
 
     def __init__(self, config: ScorerConfig):
-        super().__init__()
-        if config.image_size % 4:
-            raise ValueError(f"image_size must be divisible by 4, got {config.image_size}")
-        self.config = config
-        side = config.image_size // 4
+        super().__init__(config)
+        side = self.pooled_side
         self.conv1 = nn.Conv2d(config.in_channels, 16, 3, padding=1)
         self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
         self.conv3 = nn.Conv2d(32, 64, 3, padding=1)
@@ -56,13 +54,6 @@ class MnistScorer(nn.Module):
         x = F.relu(self.conv3(x))  # (B, 64, H/4, W/4)
         return F.relu(self.fc1(torch.flatten(x, 1)))  # (B, feature_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.dropout(self.features(x)))  # (B, num_classes)
-
-
-def _image_input(config: ScorerConfig, batch_size: int) -> tuple[torch.Tensor]:
-    return (torch.randn(batch_size, config.in_channels, config.image_size, config.image_size),)
-
 
 register_model(
     "mnist-scorer",
@@ -70,5 +61,5 @@ register_model(
     model_cls=MnistScorer,
     config_cls=ScorerConfig,
     description="Small MNIST classifier (0.23M params) whose features score generated digits (fd_mnist)",
-    example_input=_image_input,
+    example_input=image_input,
 )

@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from duboko.errors import DubokoError
@@ -43,6 +43,7 @@ from duboko.nn.attention import (
     TransformerDecoder,
     TransformerEncoder,
 )
+from duboko.nn.checks import check_at_least_one, check_divisible, check_dropout, check_one_of
 from duboko.registry import register_model
 
 
@@ -93,14 +94,16 @@ class GPT(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        if config.positional not in POSITIONAL:
-            raise ValueError(f"positional must be one of {', '.join(POSITIONAL)}, got {config.positional!r}")
-        if config.n_embd % config.n_head:
-            raise ValueError(f"n_embd {config.n_embd} is not divisible by n_head {config.n_head}")
-        if min(config.vocab_size, config.block_size, config.n_layer, config.n_embd) < 1:
-            raise ValueError("vocab_size, block_size, n_layer and n_embd must be >= 1")
-        if not 0.0 <= config.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {config.dropout}")
+        check_one_of("positional", config.positional, POSITIONAL)
+        check_at_least_one(
+            vocab_size=config.vocab_size,
+            block_size=config.block_size,
+            n_layer=config.n_layer,
+            n_head=config.n_head,
+            n_embd=config.n_embd,
+        )
+        check_divisible("n_embd", config.n_embd, config.n_head, "n_head")
+        check_dropout(config.dropout)
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)  # wte
         self.decoder = TransformerDecoder(
@@ -174,19 +177,6 @@ class GPT(nn.Module):
         return 6.0 * self.num_parameters(non_embedding=True) + 12.0 * c.n_layer * t * c.n_embd
 
 
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, for MFU.
-PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "L4": 121e12, "A10": 125e12, "V100": 125e12}
-
-
-def estimate_mfu(model: GPT, tokens_per_second: float, device_name: str, seq_len: int | None = None) -> float | None:
-    """Model FLOPs utilisation (PaLM, appendix B): achieved training FLOP/s over the GPU's peak.
-    `device_name` as torch.cuda.get_device_name() gives it; None for an unknown device or a CPU."""
-    for key, peak in PEAK_FLOPS.items():
-        if key in device_name:
-            return model.flops_per_token(seq_len) * tokens_per_second / peak
-    return None
-
-
 def _token_input(config: GPTConfig, batch_size: int) -> tuple[torch.Tensor]:
     return (torch.randint(0, config.vocab_size, (batch_size, min(config.block_size, 32))),)
 
@@ -217,12 +207,9 @@ class Seq2Seq(nn.Module):
 
     def __init__(self, config: Seq2SeqConfig):
         super().__init__()
-        if config.d_model % config.num_heads:
-            raise ValueError(f"d_model {config.d_model} is not divisible by num_heads {config.num_heads}")
-        if config.positional not in POSITIONAL:
-            raise ValueError(f"positional must be one of {', '.join(POSITIONAL)}, got {config.positional!r}")
-        if not 0.0 <= config.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {config.dropout}")
+        check_divisible("d_model", config.d_model, config.num_heads, "num_heads")
+        check_one_of("positional", config.positional, POSITIONAL)
+        check_dropout(config.dropout)
         self.config = config
         d = config.d_model
         self.embedding = nn.Embedding(config.vocab_size, d, padding_idx=config.pad_id)
@@ -360,27 +347,24 @@ def _seq2seq_input(config: Seq2SeqConfig, batch_size: int) -> tuple[torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------
-# Registered variants.
+# Registered variants: each model's arguments once, then each name with what it overrides.
 
-register_model(
-    "gpt-tiny", family="transformer", model_cls=GPT, config_cls=GPTConfig,
-    description="GPT, 2 layers × 128 wide, 4 heads, context 128 (~0.4M parameters)",
-    example_input=_token_input, n_layer=2, n_head=4, n_embd=128, block_size=128,
+_register_gpt = partial(register_model, family="transformer", model_cls=GPT, config_cls=GPTConfig, example_input=_token_input)
+_register_gpt(
+    "gpt-tiny", description="GPT, 2 layers × 128 wide, 4 heads, context 128 (~0.4M parameters)",
+    n_layer=2, n_head=4, n_embd=128, block_size=128,
 )
-register_model(
-    "gpt-char", family="transformer", model_cls=GPT, config_cls=GPTConfig,
-    description="GPT, 4 layers × 192 wide, 6 heads, context 128 (~1.8M); shakespeare-gpt narrows it to 128",
-    example_input=_token_input, n_layer=4, n_head=6, n_embd=192, block_size=128,
+_register_gpt(
+    "gpt-char", description="GPT, 4 layers × 192 wide, 6 heads, context 128 (~1.8M); shakespeare-gpt narrows it to 128",
+    n_layer=4, n_head=6, n_embd=192, block_size=128,
 )
-register_model(
-    "gpt-mini", family="transformer", model_cls=GPT, config_cls=GPTConfig,
-    description="GPT, 6 layers × 384 wide, 6 heads, context 256 (~10.7M parameters)",
-    example_input=_token_input, n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2,
+_register_gpt(
+    "gpt-mini", description="GPT, 6 layers × 384 wide, 6 heads, context 256 (~10.7M parameters)",
+    n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2,
 )
-register_model(
-    "gpt2-small", family="transformer", model_cls=GPT, config_cls=GPTConfig,
-    description="GPT-2 small: 12 layers × 768, 12 heads, context 1024, vocab 50257 (124M)",
-    example_input=_token_input, n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257,
+_register_gpt(
+    "gpt2-small", description="GPT-2 small: 12 layers × 768, 12 heads, context 1024, vocab 50257 (124M)",
+    n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257,
 )
 register_model(
     "seq2seq", family="transformer", model_cls=Seq2Seq, config_cls=Seq2SeqConfig,

@@ -33,12 +33,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from duboko.nn.attention import MultiHeadAttention, TransformerEncoder
+from duboko.nn.checks import check_divisible, check_one_of
 from duboko.registry import register_model
 
 CONDITIONINGS = ("none", "class", "text")
@@ -190,8 +192,7 @@ class UNet(nn.Module):
 
     def __init__(self, config: UNetConfig):
         super().__init__()
-        if config.conditioning not in CONDITIONINGS:
-            raise ValueError(f"conditioning must be one of {', '.join(CONDITIONINGS)}, got {config.conditioning!r}")
+        check_one_of("conditioning", config.conditioning, CONDITIONINGS)
         widths = [config.base_channels * m for m in config.channel_mults]
         if any(w % config.groups for w in widths):
             raise ValueError(f"every level width {widths} must be divisible by groups={config.groups}")
@@ -224,8 +225,7 @@ class UNet(nn.Module):
                 blocks.append(AttentionBlock(ch, config.num_heads, config.groups, context_dim))
             return blocks
 
-        if config.image_size % config.patch_size:
-            raise ValueError(f"image_size {config.image_size} is not divisible by patch_size {config.patch_size}")
+        check_divisible("image_size", config.image_size, config.patch_size, "patch_size")
         p2 = config.patch_size**2
         self.conv_in = nn.Conv2d(config.in_channels * p2, c0, 3, padding=1)
         sides = [config.image_size // config.patch_size]
@@ -353,30 +353,20 @@ def _unet_input(config: UNetConfig, batch_size: int) -> tuple:
     return (x, t)
 
 
-register_model(
+# Registered variants: the family's arguments once, then each name with what it overrides.
+_register = partial(register_model, family="unet", model_cls=UNet, config_cls=UNetConfig, example_input=_unet_input)
+_register(
     "unet-mnist",
-    family="unet",
-    model_cls=UNet,
-    config_cls=UNetConfig,
     description="Unconditional UNet denoiser for 28×28 MNIST (patch 2, res blocks, attention at 7×7 and 4×4)",
-    example_input=_unet_input,
 )
-register_model(
+_register(
     "unet-mnist-class",
-    family="unet",
-    model_cls=UNet,
-    config_cls=UNetConfig,
     description="Label-conditioned UNet for 28×28 MNIST (class embedding, null label for guidance)",
-    example_input=_unet_input,
     conditioning="class",
 )
-register_model(
+_register(
     "unet-mnist-text",
-    family="unet",
-    model_cls=UNet,
-    config_cls=UNetConfig,
     description="Prompt-conditioned UNet for 28×28 MNIST (transformer prompt encoder, cross-attention)",
-    example_input=_unet_input,
     conditioning="text",
     vocab_size=64,
 )

@@ -10,8 +10,8 @@ Masks follow `torch.nn.functional.scaled_dot_product_attention`:
     `TransformerEncoder` convention), i.e. the opposite sense: it says what to ignore.
 
 Two paths compute the same thing (tested equal to 1e-5):
-  * `attention_explicit`: softmax(Q Kᵀ / √d + mask) V written out (eq. 1 of the paper), which also
-    returns the weights for attention maps;
+  * written out: `attention_weights(q, k, mask) @ v`, softmax(Q Kᵀ / √d + mask) V (eq. 1 of the
+    paper), which keeps the weights for attention maps;
   * `attention`: the fused `F.scaled_dot_product_attention` kernel (flash / memory-efficient
     attention on GPUs), used for training and generation unless weights are asked for.
 
@@ -26,10 +26,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from duboko.nn.checks import check_divisible
 
 POSITIONAL = ("sinusoidal", "learned", "rotary", "none")
 
@@ -84,34 +87,21 @@ def merge_masks(
     return out
 
 
-def attention_explicit(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(Q Kᵀ / √d_k + M) V, eq. (1) of Vaswani et al. Returns (output, weights).
+def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(Q Kᵀ / √d_k + M), the attention weights of eq. (1) of Vaswani et al. written out;
+    the output is `weights @ V`.
 
-    q (..., T, Dh), k (..., S, Dh), v (..., S, Dv) -> output (..., T, Dv), weights (..., T, S).
-    Same arguments and mask conventions as `F.scaled_dot_product_attention`."""
-    t, s = q.shape[-2], k.shape[-2]
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    q (..., T, Dh), k (..., S, Dh) -> weights (..., T, S), each row sums to 1 over the keys.
+    `mask` is one mask in this module's conventions (boolean "may attend", or additive float);
+    `merge_masks` builds it from a causal flag and a key padding mask."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
     scores = (q @ k.transpose(-2, -1)) * scale  # (..., T, S)
-    mask = attn_mask
-    if is_causal:
-        mask = merge_masks(attn_mask, None, True, t, s, q.device)
     if mask is not None:
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, float("-inf"))
         else:
             scores = scores + mask
-    weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # rows sum to 1 over keys
-    if dropout_p > 0.0:
-        weights = F.dropout(weights, p=dropout_p)
-    return weights @ v, weights
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype)
 
 
 def attention(
@@ -123,8 +113,8 @@ def attention(
     is_causal: bool = False,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """The fast path: `F.scaled_dot_product_attention` (fused kernels), same result as
-    `attention_explicit(...)[0]`."""
+    """The fast path: `F.scaled_dot_product_attention` (fused kernels), with its arguments; without
+    dropout it equals `attention_weights(q, k, merge_masks(attn_mask, None, is_causal, T, S)) @ v`."""
     if is_causal and (attn_mask is not None or q.shape[-2] != k.shape[-2]):
         # SDPA refuses is_causal together with a mask, and aligns the causal mask top-left.
         attn_mask = merge_masks(attn_mask, None, True, q.shape[-2], k.shape[-2], q.device)
@@ -136,6 +126,12 @@ def attention(
 
 # ---------------------------------------------------------------------------------------------
 # Positional encodings.
+
+
+def check_positions(offset: int, length: int, max_len: int) -> None:
+    """Positions offset..offset+length-1 must be within the max_len an encoding was built for."""
+    if offset + length > max_len:
+        raise ValueError(f"sequence of {offset + length} positions is longer than max_len {max_len}")
 
 
 def sinusoidal_table(max_len: int, d_model: int) -> torch.Tensor:
@@ -160,8 +156,7 @@ class SinusoidalPositionalEncoding(nn.Module):
 
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         t = x.shape[1]  # x (B, T, D)
-        if offset + t > self.max_len:
-            raise ValueError(f"sequence of {offset + t} positions is longer than max_len {self.max_len}")
+        check_positions(offset, t, self.max_len)
         return x + self.pe[offset : offset + t].to(x.dtype)
 
 
@@ -176,8 +171,7 @@ class LearnedPositionalEncoding(nn.Module):
 
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         t = x.shape[1]
-        if offset + t > self.max_len:
-            raise ValueError(f"sequence of {offset + t} positions is longer than max_len {self.max_len}")
+        check_positions(offset, t, self.max_len)
         pos = torch.arange(offset, offset + t, device=x.device)
         return x + self.embedding(pos)  # (B, T, D) + (T, D)
 
@@ -200,8 +194,7 @@ class RotaryEmbedding(nn.Module):
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """x (B, H, T, Dh) at positions offset..offset+T-1 -> rotated x, same shape."""
         t = x.shape[-2]
-        if offset + t > self.max_len:
-            raise ValueError(f"sequence of {offset + t} positions is longer than max_len {self.max_len}")
+        check_positions(offset, t, self.max_len)
         cos = self.cos[offset : offset + t].to(x.dtype)  # (T, Dh/2)
         sin = self.sin[offset : offset + t].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)  # halves (B, H, T, Dh/2)
@@ -228,7 +221,7 @@ class MultiHeadAttention(nn.Module):
     (section 3.2.2). Self-attention when `context` is None, cross-attention to `context` otherwise.
 
     Set `record_weights = True` (or use `recording_attention(model)`) to keep the last per-head
-    weights (B, H, T, S) in `self.weights`; that takes the explicit path."""
+    weights (B, H, T, S) in `self.weights`; that takes the written-out path."""
 
     def __init__(
         self,
@@ -239,8 +232,7 @@ class MultiHeadAttention(nn.Module):
         rotary_max_len: int = 0,
     ):
         super().__init__()
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        check_divisible("embed_dim", embed_dim, num_heads, "num_heads")
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
@@ -289,8 +281,11 @@ class MultiHeadAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if self.record_weights:
             mask = merge_masks(attn_mask, key_padding_mask, causal, t, s, x.device)
-            out, weights = attention_explicit(q, k, v, mask, dropout)
-            self.weights = weights.detach()
+            weights = attention_weights(q, k, mask)  # (B, H, T, S)
+            self.weights = weights.detach()  # recorded before dropout: the map the model computes
+            if dropout > 0.0:
+                weights = F.dropout(weights, p=dropout)
+            out = weights @ v  # (B, H, T, Dh)
         else:
             mask = merge_masks(attn_mask, key_padding_mask, False, t, s, x.device)
             out = attention(q, k, v, mask, dropout, is_causal=causal)
@@ -347,25 +342,30 @@ class MLP(nn.Module):
         return self.dropout(self.fc2(F.gelu(self.fc1(x))))  # (B, T, D)
 
 
+@dataclass(frozen=True)
+class BlockConfig:
+    """The sizes every block of a stack shares (the stack builds one and hands it to each)."""
+
+    d_model: int  # width D of the residual stream
+    num_heads: int  # attention heads (d_model must be divisible by it)
+    dim_feedforward: int  # MLP hidden size
+    dropout: float = 0.0  # on attention weights and on every residual branch
+    bias: bool = True  # biases in the Linear and LayerNorm layers
+    rotary_max_len: int = 0  # > 0: rotary positions in self-attention, up to this length
+
+
 class TransformerEncoderBlock(nn.Module):
     """Pre-LN encoder layer (Xiong et al. 2020): x + Attn(LN(x)), then x + MLP(LN(x)). The LayerNorm
     before each sublayer (instead of after, as in the paper) trains without warm-up tricks."""
 
-    def __init__(
-        self,
-        d_model: int,
-        num_heads: int,
-        dim_feedforward: int,
-        dropout: float = 0.0,
-        bias: bool = True,
-        rotary_max_len: int = 0,
-    ):
+    def __init__(self, config: BlockConfig):
         super().__init__()
-        self.ln1 = nn.LayerNorm(d_model, bias=bias)
-        self.attn = MultiHeadAttention(d_model, num_heads, dropout, bias, rotary_max_len)
-        self.ln2 = nn.LayerNorm(d_model, bias=bias)
-        self.mlp = MLP(d_model, dim_feedforward, dropout, bias)
-        self.dropout = nn.Dropout(dropout)
+        c = config
+        self.ln1 = nn.LayerNorm(c.d_model, bias=c.bias)
+        self.attn = MultiHeadAttention(c.d_model, c.num_heads, c.dropout, c.bias, c.rotary_max_len)
+        self.ln2 = nn.LayerNorm(c.d_model, bias=c.bias)
+        self.mlp = MLP(c.d_model, c.dim_feedforward, c.dropout, c.bias)
+        self.dropout = nn.Dropout(c.dropout)
 
     def forward(
         self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, is_causal: bool = False
@@ -380,27 +380,21 @@ class TransformerDecoderBlock(nn.Module):
     encoder's output, then the MLP, each as x + Sublayer(LN(x)). Without cross-attention this is
     the GPT block."""
 
-    def __init__(
-        self,
-        d_model: int,
-        num_heads: int,
-        dim_feedforward: int,
-        dropout: float = 0.0,
-        bias: bool = True,
-        rotary_max_len: int = 0,
-        cross_attention: bool = True,
-    ):
+    def __init__(self, config: BlockConfig, cross_attention: bool = True):
         super().__init__()
-        self.ln1 = nn.LayerNorm(d_model, bias=bias)
-        self.self_attn = MultiHeadAttention(d_model, num_heads, dropout, bias, rotary_max_len)
+        c = config
+        # Registration order (ln1, self_attn, ln_cross, cross_attn, ln2, mlp) is the parameter
+        # order: optimizer states and seeded initialisations depend on it.
+        self.ln1 = nn.LayerNorm(c.d_model, bias=c.bias)
+        self.self_attn = MultiHeadAttention(c.d_model, c.num_heads, c.dropout, c.bias, c.rotary_max_len)
         if cross_attention:
-            self.ln_cross = nn.LayerNorm(d_model, bias=bias)
-            self.cross_attn = MultiHeadAttention(d_model, num_heads, dropout, bias)
+            self.ln_cross = nn.LayerNorm(c.d_model, bias=c.bias)
+            self.cross_attn = MultiHeadAttention(c.d_model, c.num_heads, c.dropout, c.bias)
         else:
             self.ln_cross = self.cross_attn = None
-        self.ln2 = nn.LayerNorm(d_model, bias=bias)
-        self.mlp = MLP(d_model, dim_feedforward, dropout, bias)
-        self.dropout = nn.Dropout(dropout)
+        self.ln2 = nn.LayerNorm(c.d_model, bias=c.bias)
+        self.mlp = MLP(c.d_model, c.dim_feedforward, c.dropout, c.bias)
+        self.dropout = nn.Dropout(c.dropout)
 
     def forward(
         self,
@@ -408,14 +402,13 @@ class TransformerDecoderBlock(nn.Module):
         memory: torch.Tensor | None = None,
         *,
         memory_key_padding_mask: torch.Tensor | None = None,
-        key_padding_mask: torch.Tensor | None = None,
         past_kv: KV | None = None,
     ) -> tuple[torch.Tensor, KV]:
         """x (B, T, D) targets, memory (B, S, D) encoder output. Returns (B, T, D) and this layer's
         self-attention keys/values (B, H, P+T, Dh) for a cache."""
-        a, kv = self.self_attn(
-            self.ln1(x), key_padding_mask=key_padding_mask, is_causal=True, past_kv=past_kv
-        )
+        # No padding mask on the targets: they are right-padded, so the causal mask already keeps
+        # every real token from seeing a pad.
+        a, kv = self.self_attn(self.ln1(x), is_causal=True, past_kv=past_kv)
         x = x + self.dropout(a)
         if self.cross_attn is not None:
             if memory is None:
@@ -429,73 +422,66 @@ class TransformerDecoderBlock(nn.Module):
 # Stacks.
 
 
-class TransformerEncoder(nn.Module):
+class _PreLNStack(nn.Module):
+    """What the encoder and decoder stacks share: the positional encoding added to the embedded
+    input, dropout, `num_layers` blocks of `block_cls` and the final LayerNorm (a pre-LN stack
+    needs one: the residual stream is never normalised inside the blocks).
+
+    `block_options` go to every block (the decoder's `cross_attention`)."""
+
+    block_cls: type[nn.Module]
+
+    def __init__(
+        self,
+        num_layers: int,
+        d_model: int,
+        num_heads: int,
+        dim_feedforward: int,
+        dropout: float = 0.0,
+        max_len: int = 512,
+        positional: str = "sinusoidal",
+        bias: bool = True,
+        **block_options: bool,
+    ):
+        super().__init__()
+        self.max_len = max_len
+        self.positional = make_positional(positional, d_model, max_len)  # refuses an unknown kind
+        rotary = max_len if positional == "rotary" else 0  # rotary acts inside each attention
+        block = BlockConfig(d_model, num_heads, dim_feedforward, dropout, bias, rotary)
+        self.dropout = nn.Dropout(dropout)
+        self.layers = nn.ModuleList(self.block_cls(block, **block_options) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(d_model, bias=bias)
+
+    def embed_positions(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """x (B, T, D) embedded tokens at positions offset..offset+T-1 -> x plus their positional
+        encoding, after dropout (B, T, D)."""
+        check_positions(offset, x.shape[1], self.max_len)
+        if self.positional is not None:
+            x = self.positional(x, offset)
+        return self.dropout(x)
+
+
+class TransformerEncoder(_PreLNStack):
     """Positional encoding + dropout + `num_layers` pre-LN encoder blocks + a final LayerNorm.
 
     Input is already embedded: x (B, T, d_model); key_padding_mask (B, T) bool, True at padding.
     Output (B, T, d_model). Used by the seq2seq model and as the diffusion text encoder."""
 
-    def __init__(
-        self,
-        num_layers: int,
-        d_model: int,
-        num_heads: int,
-        dim_feedforward: int,
-        dropout: float = 0.0,
-        max_len: int = 512,
-        positional: str = "sinusoidal",
-        bias: bool = True,
-    ):
-        super().__init__()
-        if positional not in POSITIONAL:
-            raise ValueError(f"unknown positional encoding {positional!r}; expected one of: {', '.join(POSITIONAL)}")
-        self.positional = make_positional(positional, d_model, max_len)
-        rotary = max_len if positional == "rotary" else 0
-        self.dropout = nn.Dropout(dropout)
-        self.layers = nn.ModuleList(
-            TransformerEncoderBlock(d_model, num_heads, dim_feedforward, dropout, bias, rotary)
-            for _ in range(num_layers)
-        )
-        self.norm = nn.LayerNorm(d_model, bias=bias)  # pre-LN stacks need a final norm
+    block_cls = TransformerEncoderBlock
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self.positional is not None:
-            x = self.positional(x)
-        x = self.dropout(x)
+        x = self.embed_positions(x)
         for layer in self.layers:
             x = layer(x, key_padding_mask)
         return self.norm(x)
 
 
-class TransformerDecoder(nn.Module):
+class TransformerDecoder(_PreLNStack):
     """Positional encoding + `num_layers` pre-LN decoder blocks + final LayerNorm, with an optional
     key/value cache: `past` is a list of per-layer (k, v); new inputs start at position P (the
-    cached length)."""
+    cached length). `cross_attention=False` leaves out the attention to an encoder (the GPT)."""
 
-    def __init__(
-        self,
-        num_layers: int,
-        d_model: int,
-        num_heads: int,
-        dim_feedforward: int,
-        dropout: float = 0.0,
-        max_len: int = 512,
-        positional: str = "sinusoidal",
-        bias: bool = True,
-        cross_attention: bool = True,
-    ):
-        super().__init__()
-        if positional not in POSITIONAL:
-            raise ValueError(f"unknown positional encoding {positional!r}; expected one of: {', '.join(POSITIONAL)}")
-        self.max_len = max_len
-        self.positional = make_positional(positional, d_model, max_len)
-        rotary = max_len if positional == "rotary" else 0
-        self.dropout = nn.Dropout(dropout)
-        self.layers = nn.ModuleList(
-            TransformerDecoderBlock(d_model, num_heads, dim_feedforward, dropout, bias, rotary, cross_attention)
-            for _ in range(num_layers)
-        )
-        self.norm = nn.LayerNorm(d_model, bias=bias)
+    block_cls = TransformerDecoderBlock  # cross_attention=True unless the stack is given False
 
     def forward(
         self,
@@ -503,23 +489,16 @@ class TransformerDecoder(nn.Module):
         memory: torch.Tensor | None = None,
         *,
         memory_key_padding_mask: torch.Tensor | None = None,
-        key_padding_mask: torch.Tensor | None = None,
         past: list[KV] | None = None,
     ) -> tuple[torch.Tensor, list[KV]]:
         """x (B, T, D) embedded targets -> (B, T, D) and the per-layer (k, v) (B, H, P+T, Dh)."""
-        offset = 0 if not past else past[0][0].shape[2]
-        if offset + x.shape[1] > self.max_len:
-            raise ValueError(f"sequence of {offset + x.shape[1]} positions is longer than max_len {self.max_len}")
-        if self.positional is not None:
-            x = self.positional(x, offset)
-        x = self.dropout(x)
+        x = self.embed_positions(x, offset=0 if not past else past[0][0].shape[2])
         present = []
         for i, layer in enumerate(self.layers):
             x, kv = layer(
                 x,
                 memory,
                 memory_key_padding_mask=memory_key_padding_mask,
-                key_padding_mask=key_padding_mask,
                 past_kv=past[i] if past else None,
             )
             present.append(kv)

@@ -1,14 +1,21 @@
 """Tasks: each model family's contract with the shared engine.
 
-The engine (`duboko.train.engine`) owns loops, precision, optimizers, schedules, checkpoints,
+The engine (`duboko.train.Trainer`) owns loops, precision, optimizers, schedules, checkpoints,
 logging and distribution. A task only says how to get batches, how to compute the loss and its
 statistics for one batch, and how to evaluate: like a LightningModule's hooks, but with the model
 kept a plain `nn.Module` that the task receives. See docs/architecture.md.
+
+A new task is one module in this package (or anywhere, imported before use) with one class:
+
+    @register_task
+    class MyTask(Task):
+        name = "my-task"                 # what a recipe's `task` says
+        data_config = MyDataConfig       # the @dataclass of the recipe's [data] section
+        ...
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,17 +25,8 @@ import torch
 from torch import nn
 
 from duboko import registry
-from duboko.errors import unknown_name
-
-# Task name -> module that defines it (imported lazily, so one family's heavy imports don't slow
-# the others). A module defines exactly one `Task` subclass whose `name` matches.
-TASK_MODULES: dict[str, str] = {
-    "image-classification": "duboko.tasks.image_classification",
-    "tabular": "duboko.tasks.tabular",
-    "language-model": "duboko.tasks.language_model",
-    "seq2seq": "duboko.tasks.seq2seq",
-    "diffusion": "duboko.tasks.diffusion",
-}
+from duboko.errors import DubokoError, unknown_name
+from duboko.registry import register_task  # noqa: F401 (re-exported for task modules)
 
 
 @dataclass
@@ -36,10 +34,19 @@ class StepOutput:
     """What `Task.training_step` returns."""
 
     loss: torch.Tensor  # scalar to back-propagate (mean over the batch)
-    # Sums over the batch, all-reduced across ranks and accumulated over an epoch by the engine:
-    # "loss_sum" and "count" are required (running loss = loss_sum / count); "correct" is optional
-    # (running accuracy = correct / count). Detached tensors or floats.
+    # Sums over the batch, all-reduced across ranks and accumulated over an epoch by the engine.
+    # "loss_sum" and "count" are required (running loss = loss_sum / count); every other key is a
+    # per-item sum whose running value is sum / count, logged as train_<key> (e.g. "accuracy":
+    # the number of correct items). Detached tensors or floats.
     stats: dict[str, torch.Tensor | float]
+
+
+@dataclass
+class Evaluation:
+    """What `Task.final_metrics` returns: the metrics and, apart, the text report for people."""
+
+    metrics: dict[str, Any]  # entries of metrics.json (test_accuracy, prompt_accuracy, ...)
+    report: str = ""  # printed at the end of training and by `duboko eval`
 
 
 class Task:
@@ -47,9 +54,18 @@ class Task:
 
     name: ClassVar[str] = ""
     data_config: ClassVar[type]  # the @dataclass of this task's [data] section
-    # The metric the per-epoch summary line and progress bar show beside the loss
-    # ("accuracy" for classifiers; "" for none).
+    # The metric the progress bar and the per-epoch summary line show beside the loss (its train
+    # value from the step statistics, its val value from `evaluate`); "" for none.
     shown_metric: ClassVar[str] = ""
+    # Metrics shown as percentages in the summary line (fractions in [0, 1] everywhere else).
+    percent_metrics: ClassVar[tuple[str, ...]] = ("accuracy",)
+    # The values of `data.dataset` this task knows (checked when the [data] section has one).
+    datasets: ClassVar[tuple[str, ...]] = ()
+    # The values of `train.loss` this task trains with; "auto" means the first one.
+    losses: ClassVar[tuple[str, ...]] = ("cross_entropy",)
+    # Model fields the task fills from its data, and what sets them (shown when a user tries to
+    # override one): {"vocab_size": "data.vocab_size"}. Only these may be written by the task.
+    derived_model_fields: ClassVar[dict[str, str]] = {}
 
     def __init__(self, config: Any, device: torch.device, rank: int = 0, world_size: int = 1):
         self.config = config  # duboko.config.RunConfig
@@ -57,13 +73,53 @@ class Task:
         self.rank = rank
         self.world_size = world_size
 
+    # -- config --------------------------------------------------------------------------------
+    @classmethod
+    def allowed_losses(cls, config: Any) -> tuple[str, ...]:
+        """The `train.loss` values that fit this config (override when the data decides)."""
+        return cls.losses
+
+    @classmethod
+    def check(cls, config: Any) -> None:
+        """Refuse a config that cannot train, before anything is created (no data loaded, no run
+        folder). Subclasses call `super().check(config)` and add their [data] checks. Messages
+        name config keys (`train.loss`, `data.image_size`)."""
+        dataset = getattr(config.data, "dataset", None)
+        if cls.datasets and dataset not in cls.datasets:
+            raise unknown_name("data.dataset", dataset, cls.datasets)
+        allowed = cls.allowed_losses(config)
+        loss = config.train.loss
+        if loss != "auto" and loss not in allowed:
+            raise DubokoError(
+                f"train.loss {loss!r} does not fit task {cls.name!r}; expected auto or {' | '.join(allowed)}"
+            )
+        resolved = allowed[0] if loss == "auto" else loss
+        if config.train.label_smoothing > 0 and resolved != "cross_entropy":
+            raise DubokoError(
+                f"train.label_smoothing {config.train.label_smoothing!r} needs a cross-entropy loss; "
+                f"task {cls.name!r} trains with {resolved} here"
+            )
+
+    def loss_name(self) -> str:
+        """The resolved `train.loss` ("auto" -> the task's natural loss)."""
+        loss = self.config.train.loss
+        return self.allowed_losses(self.config)[0] if loss == "auto" else loss
+
+    def set_model_field(self, key: str, value: Any) -> None:
+        """Fill a data-dependent model field (declared in `derived_model_fields`)."""
+        if key not in self.derived_model_fields:
+            raise RuntimeError(f"task {self.name!r} writes model.{key} but does not declare it in derived_model_fields")
+        self.config.model[key] = value
+
     # -- data ----------------------------------------------------------------------------------
     def setup(self, run_dir: Path | None = None) -> None:
         """Load data (and, in a run folder being resumed or evaluated, saved assets such as a
-        tokenizer). May fill data-dependent model fields, e.g. `config.model["vocab_size"]`."""
+        tokenizer). May fill derived model fields with `set_model_field`."""
 
-    def save_assets(self, run_dir: Path) -> None:
-        """Write what inference needs beside the weights (tokenizer, class names), atomically."""
+    def save_assets(self, run_dir: Path) -> list[str]:
+        """Write what inference needs beside the weights (tokenizer, class names), atomically;
+        returns the file names written (they go into the run's manifest)."""
+        return []
 
     def num_train_batches(self) -> int:
         """Batches per epoch for this rank."""
@@ -73,7 +129,7 @@ class Task:
         """This rank's batches of `epoch`, on `self.device`, from batch index `start` on.
 
         Must be a pure function of (seed, epoch, rank, world_size): resume relies on it to skip
-        the batches already seen without replaying them."""
+        the batches already seen without replaying them (see `duboko.seeding`)."""
         raise NotImplementedError
 
     # -- model ---------------------------------------------------------------------------------
@@ -89,20 +145,13 @@ class Task:
         raise NotImplementedError
 
     # -- artifacts -----------------------------------------------------------------------------
-    def epoch_end(self, model: nn.Module, epoch: int, run_dir: Path) -> dict[str, float]:
-        """Per-epoch artifacts (samples, pictures); may return extra history columns."""
+    def epoch_end(self, model: nn.Module, epoch: int, run_dir: Path | None) -> dict[str, float]:
+        """Per-epoch artifacts (samples, pictures; none when `run_dir` is None); may return extra
+        history columns."""
         return {}
 
-    def final_metrics(self, model: nn.Module, run_dir: Path, history: list[dict]) -> dict[str, Any]:
-        """Final metrics for `metrics.json` (and reports written into the run folder)."""
-        return {}
+    def final_metrics(self, model: nn.Module, run_dir: Path | None, history: list[dict]) -> Evaluation:
+        """Final metrics for `metrics.json` and the text report (files go into `run_dir` unless
+        it is None)."""
+        return Evaluation({})
 
-
-def get_task_cls(name: str) -> type[Task]:
-    if not isinstance(name, str) or name not in TASK_MODULES:
-        raise unknown_name("task", name, TASK_MODULES)
-    module = importlib.import_module(TASK_MODULES[name])
-    for value in vars(module).values():
-        if isinstance(value, type) and issubclass(value, Task) and value.name == name:
-            return value
-    raise RuntimeError(f"module {TASK_MODULES[name]} defines no Task named {name!r}")

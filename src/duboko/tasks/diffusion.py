@@ -18,8 +18,6 @@ to those of 5000 MNIST test images), beside the same numbers for as many real he
 
 from __future__ import annotations
 
-import io
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,21 +29,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from duboko.data import captions as C
+from duboko.data import mnist
+from duboko.data.batching import batch_slice, epoch_permutation, num_batches, rank_slice
 from duboko.diffusion.pipeline import sample
 from duboko.diffusion.schedulers import (
-    BETA_SCHEDULES,
-    PREDICTION_TYPES,
     DDPMScheduler,
     SchedulerConfig,
     make_scheduler,
     validate_scheduler_config,
 )
+from duboko.config import require_at_least
 from duboko.errors import DubokoError, unknown_name
-from duboko.io import atomic_write_bytes, atomic_write_json, read_json
-from duboko.tasks import StepOutput, Task
+from duboko.evaluate.plots import save_grid
+from duboko.io import atomic_write_json, read_json
+from duboko.seeding import generator
+from duboko.tasks import Evaluation, StepOutput, Task, register_task
 
 PROMPT_FILE = "prompt_tokenizer.json"
 SAMPLERS = ("ddpm", "ddim")
+DATASETS = ("mnist",)
 
 
 @dataclass
@@ -70,93 +72,89 @@ class DiffusionDataConfig:
     eval_seed: int = 1234  # seed of the metrics' and grids' noise (fixed: epochs are comparable)
 
 
-def _generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, scale: int = 2, pad: int = 2) -> None:
-    """Images in [-1, 1] (N, 1, H, W) -> a PNG grid (white digits on black), written atomically."""
-    from PIL import Image
-
-    n, _, h, w = images.shape
-    ncol = min(nrow, n)
-    rows = math.ceil(n / ncol)
-    canvas = torch.full((rows * (h + pad) + pad, ncol * (w + pad) + pad), 0.35)
-    x01 = ((images[:, 0].float().cpu() + 1) / 2).clamp(0, 1)
-    for i in range(n):
-        r, c = divmod(i, ncol)
-        canvas[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = x01[i]
-    img = Image.fromarray((canvas * 255).round().byte().numpy(), mode="L")
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
-
-
+@register_task
 class DiffusionTask(Task):
     name = "diffusion"
     data_config = DiffusionDataConfig
     shown_metric = ""
+    percent_metrics = ("prompt_accuracy", "scorer_accuracy_real")
+    datasets = DATASETS
+    losses = ("mse",)
+    derived_model_fields = {"vocab_size": "the prompt tokenizer's fixed alphabet (model.conditioning = text)"}
 
-    # -- setup ---------------------------------------------------------------------------------
-    def setup(self, run_dir: Path | None = None) -> None:
-        cfg = self.config.data
-        if cfg.dataset != "mnist":
-            raise unknown_name("data.dataset", cfg.dataset, ["mnist"])
+    # -- config --------------------------------------------------------------------------------
+    @classmethod
+    def check(cls, config: Any) -> None:
+        super().check(config)
+        cfg = config.data
         if cfg.sampler not in SAMPLERS:
             raise unknown_name("data.sampler", cfg.sampler, SAMPLERS)
         if not 0.0 <= cfg.p_uncond < 1.0:
             raise DubokoError(f"data.p_uncond must be in [0, 1), got {cfg.p_uncond}")
-        if self.config.train.loss not in ("auto", "mse"):
-            raise DubokoError(f"train.loss {self.config.train.loss!r} does not fit diffusion; use auto or mse")
+        require_at_least("data", cfg, 0, "limit_train", "val_size", "eval_samples", "grid_rows", "eta", "guidance")
+        require_at_least("data", cfg, 1, "sample_steps", "grid_steps", "eval_batch_size")
+        cls.scheduler_config_of(cfg)
+        # (model.conditioning itself is the model's to check, when it is built.)
+        if config.model.get("conditioning", "none") == "text":
+            max_len = int(config.model.get("max_prompt_len", 48))
+            # The longest training or held-out caption, plus its begin-of-prompt token.
+            longest = max(len(C.caption(8, t)) for t in C.TRAIN_TEMPLATES + C.HELD_OUT_TEMPLATES) + 1
+            if longest > max_len:
+                raise DubokoError(
+                    f"model.max_prompt_len {max_len} is shorter than the longest caption ({longest} tokens)"
+                )
+
+    # -- setup ---------------------------------------------------------------------------------
+    def setup(self, run_dir: Path | None = None) -> None:
         self.schedule = self.scheduler_config()
         self.conditioning = self.config.model.get("conditioning", "none")
         if self.conditioning == "text":
             self.tokenizer = C.PromptTokenizer(int(self.config.model.get("max_prompt_len", 48)))
             if run_dir is not None and (Path(run_dir) / PROMPT_FILE).is_file():
                 self.tokenizer = C.PromptTokenizer.from_dict(read_json(Path(run_dir) / PROMPT_FILE))
-            self.config.model["vocab_size"] = self.tokenizer.vocab_size
-            longest = max(len(C.caption(8, t)) for t in C.TRAIN_TEMPLATES + C.HELD_OUT_TEMPLATES) + 1
-            if longest > self.tokenizer.max_len:
-                raise DubokoError(f"model.max_prompt_len {self.tokenizer.max_len} is shorter than the longest caption ({longest} tokens)")
+            self.set_model_field("vocab_size", self.tokenizer.vocab_size)
         else:
             self.tokenizer = None
         self.scheduler = DDPMScheduler(self.schedule)  # add_noise / training targets
         self._data: dict[str, torch.Tensor] | None = None
 
-    def scheduler_config(self) -> SchedulerConfig:
-        cfg = self.config.data
+    @staticmethod
+    def scheduler_config_of(data: DiffusionDataConfig) -> SchedulerConfig:
+        """The noise schedule a [data] section describes (refused, naming the key, when invalid)."""
         schedule = SchedulerConfig(
-            num_train_timesteps=cfg.num_train_timesteps,
-            beta_schedule=cfg.beta_schedule,
-            prediction_type=cfg.prediction_type,
+            num_train_timesteps=data.num_train_timesteps,
+            beta_schedule=data.beta_schedule,
+            prediction_type=data.prediction_type,
         )
-        validate_scheduler_config(schedule)
+        validate_scheduler_config(schedule, prefix="data.")
         return schedule
+
+    def scheduler_config(self) -> SchedulerConfig:
+        return self.scheduler_config_of(self.config.data)
 
     def _load(self) -> dict[str, torch.Tensor]:
         """MNIST on the device as uint8 (loaded on first use, so sampling commands skip it)."""
         if self._data is None:
-            from duboko.data.mnist import load_mnist
-
             cfg = self.config.data
-            x, y = load_mnist("train", cfg.data_dir or None)
-            if cfg.limit_train:
-                x, y = x[: cfg.limit_train], y[: cfg.limit_train]
-            n_val = min(cfg.val_size, len(x) // 5)
-            perm = torch.randperm(len(x), generator=_generator(1234))  # fixed split, same for every run
+            x, y = mnist.load_split("train", cfg.data_dir or None, limit=cfg.limit_train)
+            # A fixed split (the same for every run), of at most a fifth of the images; the
+            # training images keep the split's permuted order even when none are held out.
+            (train_x, train_y), (val_x, val_y) = mnist.hold_out_validation(x, y, min(cfg.val_size, len(x) // 5))
             self._data = {
-                "train_x": x[perm[n_val:]].to(self.device),
-                "train_y": y[perm[n_val:]].to(self.device),
-                "val_x": x[perm[:n_val]],
-                "val_y": y[perm[:n_val]],
+                "train_x": train_x.to(self.device),  # (N, 28, 28) uint8
+                "train_y": train_y.to(self.device),  # (N,) int64
+                "val_x": val_x,
+                "val_y": val_y,
             }
         return self._data
 
-    def save_assets(self, run_dir: Path) -> None:
-        if self.tokenizer is not None:
-            atomic_write_json(Path(run_dir) / PROMPT_FILE, self.tokenizer.to_dict())
+    def save_assets(self, run_dir: Path) -> list[str]:
+        if self.tokenizer is None:
+            return []
+        atomic_write_json(Path(run_dir) / PROMPT_FILE, self.tokenizer.to_dict())
+        return [PROMPT_FILE]
 
     # -- conditions ----------------------------------------------------------------------------
     def make_condition(self, labels: torch.Tensor, gen: torch.Generator, drop: float, held_out: bool = False) -> torch.Tensor | None:
@@ -188,23 +186,29 @@ class DiffusionTask(Task):
 
     # -- training ------------------------------------------------------------------------------
     def num_train_batches(self) -> int:
-        return math.ceil(len(self._load()["train_x"]) / self.config.train.batch_size)
+        return num_batches(len(self._load()["train_x"]), self.config.train.batch_size, self.world_size)
 
     def train_batches(self, epoch: int, start: int = 0) -> Iterator[Any]:
         data, tcfg = self._load(), self.config.train
-        n, bs = len(data["train_x"]), tcfg.batch_size
-        perm = torch.randperm(n, generator=_generator(tcfg.seed * 7919 + epoch)).to(self.device)
+        # Drawn on the CPU (as always: a CUDA draw would give other batches), then moved.
+        perm = epoch_permutation(len(data["train_x"]), tcfg.seed, epoch).to(self.device)
         T = self.schedule.num_train_timesteps
+        r, w = self.rank, self.world_size
         for i in range(start, self.num_train_batches()):
-            idx = perm[i * bs : (i + 1) * bs]
-            g = _generator((tcfg.seed * 1_000_003 + epoch) * 1_000_003 + i)  # pure function of (seed, epoch, i)
+            idx = batch_slice(perm, i, tcfg.batch_size)
+            # The global batch's noise, timesteps and conditions come from the batch's own
+            # generator (a pure function of seed, epoch, i); each rank then keeps its share.
+            g = generator(tcfg.seed, epoch, i)
             x0 = data["train_x"][idx].float().unsqueeze(1) / 127.5 - 1  # (B, 1, 28, 28) in [-1, 1]
-            noise = torch.randn(x0.shape, generator=g).to(self.device)
-            t = torch.randint(0, T, (len(idx),), generator=g).to(self.device)
-            cond = self.make_condition(data["train_y"][idx], g, self.config.data.p_uncond)
-            r, w = self.rank, self.world_size
-            batch = {"x0": x0[r::w], "noise": noise[r::w], "t": t[r::w], "cond": None if cond is None else cond[r::w].to(self.device)}
-            yield batch
+            noise = torch.randn(x0.shape, generator=g).to(self.device)  # (B, 1, 28, 28)
+            t = torch.randint(0, T, (len(idx),), generator=g).to(self.device)  # (B,)
+            cond = self.make_condition(data["train_y"][idx], g, self.config.data.p_uncond)  # (B,) | (B, L) | None
+            yield {
+                "x0": rank_slice(x0, r, w),
+                "noise": rank_slice(noise, r, w),
+                "t": rank_slice(t, r, w),
+                "cond": None if cond is None else rank_slice(cond, r, w).to(self.device),
+            }
 
     def loss(self, model: nn.Module, batch: dict, reduction: str = "mean") -> torch.Tensor:
         xt = self.scheduler.add_noise(batch["x0"], batch["noise"], batch["t"])
@@ -224,14 +228,12 @@ class DiffusionTask(Task):
         """Denoising loss on held-out images with fixed noise, timesteps and conditions."""
         model.eval()
         if split == "test":
-            from duboko.data.mnist import load_mnist
-
-            x, y = load_mnist("test", self.config.data.data_dir or None)
+            x, y = mnist.load_split("test", self.config.data.data_dir or None)
             x, y = x[: self.config.data.val_size], y[: self.config.data.val_size]
         else:
             data = self._load()
             x, y = data["val_x"], data["val_y"]
-        g = _generator(self.config.data.eval_seed)
+        g = generator(self.config.data.eval_seed)  # the same noise every epoch: comparable losses
         total, count = 0.0, 0
         bs = self.config.data.eval_batch_size
         for i in range(0, len(x), bs):
@@ -282,7 +284,7 @@ class DiffusionTask(Task):
             guidance=guidance,
             num_steps=steps or cfg.sample_steps,
             eta=cfg.eta if eta is None else eta,
-            generator=_generator(cfg.eval_seed if seed is None else seed),
+            generator=generator(cfg.eval_seed if seed is None else seed),
             device=self.device,
             keep_every=keep_every,
             progress=progress,
@@ -297,9 +299,9 @@ class DiffusionTask(Task):
             return {"labels": labels}
         return {}
 
-    def epoch_end(self, model: nn.Module, epoch: int, run_dir: Path) -> dict[str, float]:
+    def epoch_end(self, model: nn.Module, epoch: int, run_dir: Path | None) -> dict[str, float]:
         cfg = self.config.data
-        if cfg.grid_rows <= 0:
+        if cfg.grid_rows <= 0 or run_dir is None:  # the grid is only for the run folder
             return {}
         model.eval()
         n = 10 * cfg.grid_rows
@@ -323,19 +325,18 @@ class DiffusionTask(Task):
         progress=None,
     ) -> dict[str, Any]:
         """prompt_accuracy and fd_mnist for n samples, with the floor and noise values beside."""
-        from duboko.data.mnist import load_mnist
         from duboko.evaluate import fid
 
         cfg = self.config.data
         scorer = fid.load_scorer(self.device)
-        test_x, test_y = load_mnist("test", cfg.data_dir or None)
+        test_x, test_y = mnist.load_split("test", cfg.data_dir or None)
         n_ref = min(cfg.fd_reference, len(test_x) - n)
         if n_ref < 100:
             raise DubokoError(f"too many samples ({n}) for the 10000 MNIST test images: at most {len(test_x) - 100}")
         ref_feats, _ = fid.score_images(scorer, fid.uint8_to_unit(test_x[:n_ref]))
         real = fid.uint8_to_unit(test_x[-n:])  # disjoint from the reference
         real_feats, real_pred = fid.score_images(scorer, real)
-        noise = torch.randn(real.shape, generator=_generator(7)).clamp(-1, 1)
+        noise = torch.randn(real.shape, generator=generator(7)).clamp(-1, 1)
         noise_feats, _ = fid.score_images(scorer, noise)
         cond_kwargs: dict[str, Any] = {}
         labels = self.balanced_labels(n)
@@ -377,18 +378,18 @@ class DiffusionTask(Task):
         out["_images"] = images
         return out
 
-    def final_metrics(self, model: nn.Module, run_dir: Path | None, history: list[dict]) -> dict[str, Any]:
+    def final_metrics(self, model: nn.Module, run_dir: Path | None, history: list[dict]) -> Evaluation:
         cfg = self.config.data
         if cfg.eval_samples <= 0:
-            return {}
+            return Evaluation({})
         model.eval()
         try:
             metrics = self.sample_quality(model, cfg.eval_samples)
         except DubokoError as exc:  # e.g. no scorer weights: keep the run, say why the metrics are missing
-            return {"sample_quality_error": str(exc)}
+            return Evaluation({"sample_quality_error": str(exc)}, f"Sample quality not measured: {exc}\n")
         images = metrics.pop("_images")
         if run_dir is not None:
             save_grid(images[:100], Path(run_dir) / "samples.png", nrow=10)
         lines = [f"{k} = {v:.4f}" if isinstance(v, float) else f"{k} = {v}" for k, v in metrics.items()]
-        metrics["report_text"] = "Sample quality (" + self.config.recipe + ")\n" + "\n".join(lines) + "\n"
-        return metrics
+        report = "Sample quality (" + self.config.recipe + ")\n" + "\n".join(lines) + "\n"
+        return Evaluation(metrics, report)

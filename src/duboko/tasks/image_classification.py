@@ -17,12 +17,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from duboko.data import mnist, transforms
+from duboko.data.batching import batch_slice, epoch_permutation, num_batches, rank_slice
+from duboko.config import require_at_least
 from duboko.errors import DubokoError, unknown_name
 from duboko.evaluate import metrics as M
 from duboko.io import atomic_write_text
-from duboko.tasks import StepOutput, Task
+from duboko.seeding import generator
+from duboko.tasks import Evaluation, StepOutput, Task, register_task
 
 DATASETS = ("mnist",)
+# Classes of each data set, known without loading it (so `check` can compare the model's outputs).
+DATASET_CLASSES = {"mnist": mnist.CLASSES}
 
 
 @dataclass
@@ -43,90 +48,100 @@ class ImageDataConfig:
     eval_batch_size: int = 1000  # batch size for evaluation passes
 
 
-def batch_generator(seed: int, epoch: int, index: int, device: torch.device) -> torch.Generator:
-    """A generator for one batch's random draws: a pure function of (seed, epoch, batch index),
-    so resume and every rank reproduce the same augmentation without replaying earlier batches."""
-    g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + index)
-    return g
-
-
+@register_task
 class ImageClassificationTask(Task):
     name = "image-classification"
     data_config = ImageDataConfig
     shown_metric = "accuracy"
+    datasets = DATASETS
+    losses = ("cross_entropy",)
 
-    def setup(self, run_dir: Path | None = None, splits: tuple[str, ...] = ("train", "test")) -> None:
-        cfg = self.config.data
-        if cfg.dataset not in DATASETS:
-            raise unknown_name("data.dataset", cfg.dataset, DATASETS)
-        if cfg.image_size < 4 or cfg.channels not in (1, 3):
-            raise DubokoError(f"data.image_size must be >= 4 and data.channels 1 or 3, got {cfg.image_size}, {cfg.channels}")
-        for key in ("rotation", "brightness", "contrast", "mean", "std"):
-            value = getattr(cfg, key)
-            if not math.isfinite(value) or (value < 0 and key != "mean"):
-                raise DubokoError(f"data.{key} must be a finite number >= 0, got {value!r}")
+    # -- config --------------------------------------------------------------------------------
+    @classmethod
+    def check(cls, config: Any) -> None:
+        super().check(config)
+        cfg = config.data
+        if cfg.image_size < 4:
+            raise DubokoError(f"data.image_size must be >= 4, got {cfg.image_size}")
+        if cfg.channels not in (1, 3):
+            raise DubokoError(f"data.channels must be 1 or 3, got {cfg.channels}")
+        require_at_least("data", cfg, 0, "rotation", "brightness", "contrast", "std")
+        if not math.isfinite(cfg.mean):
+            raise DubokoError(f"data.mean must be a finite number, got {cfg.mean!r}")
         if cfg.std <= 0:
             raise DubokoError(f"data.std must be > 0, got {cfg.std!r}")
-        if cfg.brightness >= 1 or cfg.contrast >= 1:
-            raise DubokoError(f"data.brightness and data.contrast must be < 1, got {cfg.brightness!r}, {cfg.contrast!r}")
-        if cfg.limit_train < 0 or cfg.limit_test < 0 or cfg.eval_batch_size < 1:
-            raise DubokoError(
-                f"data.limit_train and data.limit_test must be >= 0 and data.eval_batch_size >= 1, got "
-                f"{cfg.limit_train}, {cfg.limit_test}, {cfg.eval_batch_size}"
-            )
+        for key in ("brightness", "contrast"):
+            if getattr(cfg, key) >= 1:
+                raise DubokoError(f"data.{key} must be < 1 (a factor range 1 ± {key}), got {getattr(cfg, key)!r}")
+        require_at_least("data", cfg, 0, "limit_train", "limit_test", note=" (0: all images)")
+        if cfg.eval_batch_size < 1:
+            raise DubokoError(f"data.eval_batch_size must be >= 1, got {cfg.eval_batch_size}")
         if not 0.0 <= cfg.val_fraction < 1.0:
             raise DubokoError(f"data.val_fraction must be in [0, 1), got {cfg.val_fraction}")
-        self.class_names = list(mnist.CLASSES)
+        cls._check_model_shapes(config)
+
+    @staticmethod
+    def _check_model_shapes(config: Any) -> None:
+        """The model's input and output sizes against the data's, where the model has them: a
+        mismatch would otherwise fail inside the first batch, after the run folder exists."""
+        cfg, model = config.data, config.model
+        n_classes = len(DATASET_CLASSES[cfg.dataset])
+        for key in ("num_classes", "out_features"):
+            if key in model and model[key] != n_classes:
+                raise DubokoError(
+                    f"model.{key} is {model[key]} but data.dataset {cfg.dataset!r} has {n_classes} classes"
+                )
+        if "image_size" in model and model["image_size"] != cfg.image_size:
+            raise DubokoError(
+                f"model.image_size {model['image_size']} differs from data.image_size {cfg.image_size}; "
+                "set both to the same size"
+            )
+        if "in_channels" in model and model["in_channels"] != cfg.channels:
+            raise DubokoError(f"model.in_channels {model['in_channels']} differs from data.channels {cfg.channels}")
+        # A flattening model (an MLP) takes channels · image_size² inputs.
+        pixels = cfg.channels * cfg.image_size**2
+        if "in_features" in model and model["in_features"] != pixels:
+            raise DubokoError(
+                f"model.in_features {model['in_features']} does not fit data.channels × data.image_size² = "
+                f"{cfg.channels} × {cfg.image_size}² = {pixels}"
+            )
+
+    # -- data ----------------------------------------------------------------------------------
+    def setup(self, run_dir: Path | None = None, splits: tuple[str, ...] = ("train", "test")) -> None:
+        cfg = self.config.data
+        self.class_names = list(DATASET_CLASSES[cfg.dataset])
         self.num_classes = len(self.class_names)
-        model_classes = self.config.model.get("num_classes", self.config.model.get("out_features"))
-        if model_classes is not None and model_classes != self.num_classes:
-            raise DubokoError(f"the model has {model_classes} outputs but {cfg.dataset} has {self.num_classes} classes")
+        # split -> (uint8 images (N, 28, 28), int64 labels (N,)); train lives on the device.
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         data_dir = cfg.data_dir or None
         if "train" in splits:
-            x, y = mnist.load_mnist("train", data_dir, cfg.download)
-            if cfg.limit_train:
-                x, y = x[: cfg.limit_train], y[: cfg.limit_train]
+            x, y = mnist.load_split("train", data_dir, cfg.download, limit=cfg.limit_train)
             if cfg.val_fraction > 0:
-                # A fixed split (seeded by nothing but the data): the same for every run and rank.
-                g = torch.Generator().manual_seed(1234)
-                perm = torch.randperm(len(x), generator=g)
-                n_val = max(1, int(len(x) * cfg.val_fraction))
-                self.splits["val"] = (x[perm[:n_val]], y[perm[:n_val]])
-                x, y = x[perm[n_val:]], y[perm[n_val:]]
+                (x, y), self.splits["val"] = mnist.hold_out_validation(x, y, max(1, int(len(x) * cfg.val_fraction)))
             self.splits["train"] = (x.to(self.device), y.to(self.device))
         if "test" in splits or "val" not in self.splits:
-            x, y = mnist.load_mnist("test", data_dir)
-            if cfg.limit_test:
-                x, y = x[: cfg.limit_test], y[: cfg.limit_test]
-            self.splits["test"] = (x, y)
+            self.splits["test"] = mnist.load_split("test", data_dir, limit=cfg.limit_test)
             self.splits.setdefault("val", self.splits["test"])
 
     # -- training batches ---------------------------------------------------------------------
-    def _global_batches(self) -> int:
-        return math.ceil(len(self.splits["train"][0]) / self.config.train.batch_size)
-
     def num_train_batches(self) -> int:
-        return self._global_batches()
+        return num_batches(len(self.splits["train"][0]), self.config.train.batch_size, self.world_size)
 
     def train_batches(self, epoch: int, start: int = 0) -> Iterator[Any]:
         cfg, train = self.config.data, self.config.train
         images, labels = self.splits["train"]
-        g = torch.Generator(device=self.device)
-        g.manual_seed(train.seed * 7919 + epoch)
-        perm = torch.randperm(len(images), generator=g, device=self.device)
-        bs = train.batch_size
-        for i in range(start, self._global_batches()):
-            # The global batch is the same for any world size; each rank takes every
-            # world_size-th sample of it, so 1 process and N ranks see the same data.
-            idx = perm[i * bs : (i + 1) * bs]
-            gen = batch_generator(train.seed, epoch, i, self.device)
+        perm = epoch_permutation(len(images), train.seed, epoch, self.device)
+        for i in range(start, self.num_train_batches()):
+            idx = batch_slice(perm, i, train.batch_size)
+            # The whole global batch is augmented (with the batch's own generator), then each
+            # rank keeps its share: 1 process and N ranks see the same augmented images.
+            gen = generator(train.seed, epoch, i, device=self.device)
             x = transforms.train_transform(
                 images[idx], size=cfg.image_size, channels=cfg.channels, rotation=cfg.rotation,
                 brightness=cfg.brightness, contrast=cfg.contrast, mean=cfg.mean, std=cfg.std, generator=gen,
-            )
-            x, y = x[self.rank :: self.world_size], labels[idx][self.rank :: self.world_size]
+            )  # (B, C, S, S)
+            x = rank_slice(x, self.rank, self.world_size)
+            y = rank_slice(labels[idx], self.rank, self.world_size)
             if train.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, y
@@ -139,19 +154,14 @@ class ImageClassificationTask(Task):
         return x
 
     # -- loss ----------------------------------------------------------------------------------
-    def _loss(self, logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        loss = self.config.train.loss
-        if loss in ("auto", "cross_entropy"):
-            return F.cross_entropy(logits.float(), y, label_smoothing=self.config.train.label_smoothing, reduction=reduction)
-        raise DubokoError(f"train.loss {loss!r} does not fit {self.num_classes}-class image classification; use cross_entropy")
-
     def training_step(self, model: nn.Module, batch: Any) -> StepOutput:
         x, y = batch
-        logits = model(x)
-        loss = self._loss(logits, y)
+        logits = model(x)  # (b, classes)
+        # `check` admits only cross-entropy (train.loss auto | cross_entropy).
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.config.train.label_smoothing)
         with torch.no_grad():
             n = y.numel()
-            stats = {"loss_sum": loss.detach() * n, "count": float(n), "correct": (logits.argmax(1) == y).sum()}
+            stats = {"loss_sum": loss.detach() * n, "count": float(n), "accuracy": (logits.argmax(1) == y).sum()}
         return StepOutput(loss, stats)
 
     # -- evaluation ----------------------------------------------------------------------------
@@ -172,7 +182,7 @@ class ImageClassificationTask(Task):
         preds, labels, loss = self.predict_split(model, split)
         return {"loss": loss, "accuracy": (preds == labels).double().mean().item()}
 
-    def final_metrics(self, model: nn.Module, run_dir: Path | None, history: list[dict]) -> dict[str, Any]:
+    def final_metrics(self, model: nn.Module, run_dir: Path | None, history: list[dict]) -> Evaluation:
         """Test loss/accuracy, the classification report and the confusion matrix (text + PNG)."""
         model.eval()
         preds, labels, loss = self.predict_split(model, "test")
@@ -191,13 +201,13 @@ class ImageClassificationTask(Task):
             plot_confusion(cm, self.class_names, Path(run_dir) / "confusion_matrix.png")
             if history:
                 plot_curves(history, Path(run_dir) / "curves.png", title=self.config.recipe)
-        return {
+        metrics = {
             "test_loss": loss,
             "test_accuracy": report["accuracy"],
             "classification_report": report,
             "confusion_matrix": cm.tolist(),
-            "report_text": text,
         }
+        return Evaluation(metrics, text)
 
     # -- inference on user files ---------------------------------------------------------------
     def load_image_file(self, path: str) -> tuple[torch.Tensor, bool]:
@@ -249,7 +259,7 @@ class ImageClassificationTask(Task):
 
     @torch.no_grad()
     def predict_files(self, model: nn.Module, paths: list[str], top: int = 3) -> list[dict]:
-        self.class_names = list(mnist.CLASSES)
+        self.class_names = list(DATASET_CLASSES[self.config.data.dataset])
         loaded = [self.load_image_file(p) for p in paths]  # all files checked before any output
         images = torch.stack([img for img, _ in loaded])
         probs = torch.softmax(model(self.eval_inputs(images)).float(), dim=1).cpu()

@@ -7,7 +7,7 @@ Data: the corpus (data.path, default the bundled Shakespeare) is cut into `split
 contiguous blocks of text and some are held out for validation (`duboko.data.text.block_split`),
 then tokenized with a `char`, `word` or `bpe` tokenizer trained here and saved as tokenizer.json in
 the run folder. `setup(run_dir)` on an existing run loads that file instead of training a new one,
-and sets `config.model["vocab_size"]` from it before the engine builds the model.
+and sets the derived model field `vocab_size` from it before the engine builds the model.
 
 Two ways to cut the token stream into batches (`data.stateful`):
 - stateful (truncated back-propagation through time): the stream is laid out as B parallel
@@ -20,6 +20,10 @@ Validation uses the same mode, so the two are comparable to how each model is tr
 
 Metrics: loss in nats per token; `bpc` = loss / ln 2 for the char tokenizer, `perplexity` =
 exp(loss) for word/bpe; next-token `accuracy` too.
+
+Distribution: the global batch is the same for any world size; rank r of W trains rows r, r + W,
+... of it (`duboko.data.batching.rank_slice`), so in stateful mode each rank carries the state of
+its own B / W streams.
 """
 
 from __future__ import annotations
@@ -28,13 +32,13 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from duboko import registry
+from duboko.data.batching import rank_slice
 from duboko.data.text import (
     TOKENIZER_FILE,
     TOKENIZER_KINDS,
@@ -44,17 +48,15 @@ from duboko.data.text import (
     read_corpus,
     train_tokenizer,
 )
+from duboko.config import require_at_least
 from duboko.errors import DubokoError, unknown_name
 from duboko.io import atomic_write_text
-from duboko.tasks import StepOutput, Task
+from duboko.seeding import generator
+from duboko.tasks import Evaluation, StepOutput, Task, register_task
 
 
 @dataclass
 class LMDataConfig:
-    # The model's vocab_size is the tokenizer's, set by the task: `--set vocab_size=N` means this
-    # section's (the tokenizer's target size), never the model field.
-    derived_model_keys: ClassVar[tuple[str, ...]] = ("vocab_size",)
-
     path: str = ""  # text file(s) or folder(s), comma-separated ("" = bundled Shakespeare)
     tokenizer: str = "char"  # char | word | bpe
     vocab_size: int = 0  # word/bpe vocabulary size to learn (0: 10000 word, 2000 bpe); char: all chars
@@ -77,10 +79,15 @@ class LMDataConfig:
     sample_temperature: float = 0.8  # sampling temperature for those samples
 
 
+@register_task
 class LanguageModelTask(Task):
     name = "language-model"
     data_config = LMDataConfig
     shown_metric = "accuracy"
+    losses = ("cross_entropy",)
+    # The model's vocab_size is the tokenizer's: `--set vocab_size=N` means data.vocab_size (the
+    # tokenizer's target size), never the model field.
+    derived_model_fields = {"vocab_size": "data.vocab_size (the tokenizer's size: data.tokenizer, data.path)"}
 
     def __init__(self, config: Any, device: torch.device, rank: int = 0, world_size: int = 1):
         super().__init__(config, device, rank, world_size)
@@ -90,28 +97,38 @@ class LanguageModelTask(Task):
         self.prompt_text = ""
         self._state: Any = None  # the carried hidden state in stateful training
 
-    # -- data ----------------------------------------------------------------------------------
-    @property
-    def data(self) -> LMDataConfig:
-        return self.config.data
-
-    def _check_config(self) -> None:
-        d = self.data
+    # -- config --------------------------------------------------------------------------------
+    @classmethod
+    def check(cls, config: Any) -> None:
+        super().check(config)
+        d = config.data
         if d.tokenizer not in TOKENIZER_KINDS:
             raise unknown_name("data.tokenizer", d.tokenizer, TOKENIZER_KINDS)
         if d.seq_len < 1:
             raise DubokoError(f"data.seq_len must be >= 1, got {d.seq_len}")
         if not 0.0 <= d.state_reset_prob <= 1.0:
             raise DubokoError(f"data.state_reset_prob must be in [0, 1], got {d.state_reset_prob}")
-        block = self.config.model.get("block_size")
+        if not 0.0 < d.val_fraction < 1.0:
+            raise DubokoError(f"data.val_fraction must be between 0 and 1, got {d.val_fraction!r}")
+        if d.split_blocks < 2:
+            raise DubokoError(f"data.split_blocks must be >= 2, got {d.split_blocks!r}")
+        require_at_least("data", d, 0, "vocab_size", "min_freq", "max_train_tokens", "max_eval_tokens", "eval_batch_size",
+                         "sample_tokens")
+        if not math.isfinite(d.sample_temperature) or d.sample_temperature < 0:
+            raise DubokoError(f"data.sample_temperature must be a finite number >= 0, got {d.sample_temperature!r}")
+        block = config.model.get("block_size")
         if block is not None and d.seq_len > int(block):
             raise DubokoError(
                 f"data.seq_len={d.seq_len} is longer than the model's context model.block_size={block}; "
                 f"lower seq_len or also --set block_size={d.seq_len}"
             )
 
+    # -- data ----------------------------------------------------------------------------------
+    @property
+    def data(self) -> LMDataConfig:
+        return self.config.data
+
     def setup(self, run_dir: Path | None = None) -> None:
-        self._check_config()
         saved = Path(run_dir) / TOKENIZER_FILE if run_dir is not None else None
         if saved is not None and saved.exists():
             # An existing run: its tokenizer fixes the vocabulary; the corpus is read only when
@@ -119,7 +136,7 @@ class LanguageModelTask(Task):
             self.tokenizer = load_tokenizer(saved)
         else:
             self._load_data(train_new_tokenizer=True)
-        self.config.model["vocab_size"] = self.tokenizer.vocab_size
+        self.set_model_field("vocab_size", self.tokenizer.vocab_size)
 
     def _load_data(self, train_new_tokenizer: bool = False) -> None:
         d = self.data
@@ -152,20 +169,23 @@ class LanguageModelTask(Task):
     def _ensure_data(self) -> None:
         if self.train_ids is None:
             self._load_data(train_new_tokenizer=self.tokenizer is None)
-            self.config.model["vocab_size"] = self.tokenizer.vocab_size
+            self.set_model_field("vocab_size", self.tokenizer.vocab_size)
 
-    def save_assets(self, run_dir: Path) -> None:
-        if self.tokenizer is not None:
-            self.tokenizer.save(Path(run_dir) / TOKENIZER_FILE)
+    def save_assets(self, run_dir: Path) -> list[str]:
+        if self.tokenizer is None:
+            return []
+        self.tokenizer.save(Path(run_dir) / TOKENIZER_FILE)
+        return [TOKENIZER_FILE]
 
     # -- batches -------------------------------------------------------------------------------
-    def _local_batch(self) -> int:
+    def _check_world_size(self) -> None:
+        # Every rank carries the state of as many streams (the state tensors' batch dimension)
+        # and weighs equally in the gradient average.
         B = self.config.train.batch_size
         if B % self.world_size:
             raise DubokoError(
                 f"train.batch_size={B} must divide evenly across {self.world_size} processes"
             )
-        return B // self.world_size
 
     def _stream_length(self) -> int:
         """Columns per stream in the stateful layout; fixed across epochs (the random start
@@ -177,7 +197,7 @@ class LanguageModelTask(Task):
         self._ensure_data()
         T = self.data.seq_len
         B = self.config.train.batch_size
-        self._local_batch()
+        self._check_world_size()
         n = self._stream_length() // T if self.data.stateful else ((len(self.train_ids) - 1 - T) // T) // B
         if n < 1:
             raise DubokoError(
@@ -189,18 +209,20 @@ class LanguageModelTask(Task):
     def train_batches(self, epoch: int, start: int = 0) -> Iterator[dict[str, Any]]:
         self._ensure_data()
         n = self.num_train_batches()
-        T, B, b = self.data.seq_len, self.config.train.batch_size, self._local_batch()
-        g = torch.Generator().manual_seed(self.config.train.seed * 1_000_003 + epoch)
+        T, B = self.data.seq_len, self.config.train.batch_size
+        r, w = self.rank, self.world_size
+        # One generator per epoch, its draws in a fixed order: the offset, then the row resets
+        # (stateful) or the window order (reset). All drawn for the whole epoch up front, so a
+        # resumed epoch draws the same.
+        g = generator(self.config.train.seed, epoch)
         offset = int(torch.randint(0, T, (1,), generator=g))  # new batch boundaries every epoch
         ids = self.train_ids
-        rows = slice(self.rank * b, (self.rank + 1) * b)
         if self.data.stateful:
             L = self._stream_length()
-            x_all = ids[offset: offset + B * L].view(B, L)[rows]  # (b, L): b contiguous streams
-            y_all = ids[offset + 1: offset + 1 + B * L].view(B, L)[rows]
-            # Which rows start from zero state at each batch: drawn for all batches up front from
-            # the epoch's generator, so a resumed epoch draws the same rows.
-            row_resets = torch.rand(n, B, generator=g)[:, rows] < self.data.state_reset_prob  # (n, b)
+            x_all = rank_slice(ids[offset: offset + B * L].view(B, L), r, w)  # (b, L): b contiguous streams
+            y_all = rank_slice(ids[offset + 1: offset + 1 + B * L].view(B, L), r, w)
+            # Which rows start a batch from zero state: (n, b) bool.
+            row_resets = rank_slice(torch.rand(n, B, generator=g), r, w, dim=1) < self.data.state_reset_prob
             for i in range(start, n):
                 cols = slice(i * T, (i + 1) * T)
                 yield {
@@ -214,18 +236,16 @@ class LanguageModelTask(Task):
             starts = offset + T * torch.randperm(windows, generator=g)  # shuffled windows
             arange = torch.arange(T)
             for i in range(start, n):
-                s = starts[i * B: (i + 1) * B][rows]  # (b,)
+                s = rank_slice(starts[i * B: (i + 1) * B], r, w)  # (b,)
                 index = s[:, None] + arange  # (b, T)
                 yield {"x": ids[index].to(self.device), "y": ids[index + 1].to(self.device), "reset": True}
 
     # -- model ---------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
-        model = dict(self.config.model)
-        name = model.pop("name")
-        fused_lstm = model.get("cell") == "lstm" and model.get("implementation") == "fused"
+        fused_lstm = self.config.model.get("cell") == "lstm" and self.config.model.get("implementation") == "fused"
         from duboko.precision import resolve_precision
 
-        precision = resolve_precision(self.config.train.precision, self.device)
+        precision = resolve_precision(self.config.train.precision, self.device)  # needs the device: not in `check`
         if fused_lstm and self.device.type == "cpu" and precision == "bf16":
             # Measured with torch 2.13: the CPU (oneDNN) LSTM kernel raises "could not create a
             # primitive descriptor" under bf16 autocast. GRU and RNN run.
@@ -233,10 +253,7 @@ class LanguageModelTask(Task):
                 "train.precision='bf16' does not work with torch's fused LSTM on the CPU (its oneDNN "
                 "kernel fails); use train.precision=fp32, or model.implementation=readable"
             )
-        try:
-            return registry.build_model(name, model)
-        except ValueError as exc:
-            raise DubokoError(f"cannot build model {name!r}: {exc}") from exc
+        return super().build_model()
 
     def training_step(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
         x, y = batch["x"], batch["y"]
@@ -249,13 +266,15 @@ class LanguageModelTask(Task):
         else:
             logits, _ = model(x)
         logits = logits.float()  # (b, T, V)
+        # train.loss is cross-entropy (`check` admits auto | cross_entropy only), smoothed by
+        # train.label_smoothing.
         loss = F.cross_entropy(
             logits.flatten(0, 1), y.flatten(), label_smoothing=self.config.train.label_smoothing
         )
         with torch.no_grad():
             correct = (logits.argmax(-1) == y).sum()
         n = y.numel()
-        return StepOutput(loss, {"loss_sum": loss.detach() * n, "count": float(n), "correct": correct})
+        return StepOutput(loss, {"loss_sum": loss.detach() * n, "count": float(n), "accuracy": correct})
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
@@ -328,13 +347,13 @@ class LanguageModelTask(Task):
         )
         return prompt + self.tokenizer.decode(new)
 
-    def epoch_end(self, model: nn.Module, epoch: int, run_dir: Path) -> dict[str, float]:
-        if self.rank == 0 and self.data.sample_tokens > 0:
+    def epoch_end(self, model: nn.Module, epoch: int, run_dir: Path | None) -> dict[str, float]:
+        if run_dir is not None and self.rank == 0 and self.data.sample_tokens > 0:
             text = self.sample_text(model, self.data.sample_tokens, seed=self.config.train.seed + epoch)
             atomic_write_text(Path(run_dir) / "samples" / f"epoch_{epoch}.txt", text)
         return {}
 
-    def final_metrics(self, model: nn.Module, run_dir: Path, history: list[dict]) -> dict[str, Any]:
+    def final_metrics(self, model: nn.Module, run_dir: Path | None, history: list[dict]) -> Evaluation:
         # The engine (and `duboko eval`) evaluated this very model just before: reuse that pass.
         cached = getattr(self, "_last_eval", None)
         m = cached[1] if cached and cached[0] == _fingerprint(model) else self.evaluate(model, "val")
@@ -351,7 +370,7 @@ class LanguageModelTask(Task):
         if run_dir is not None and self.rank == 0 and self.data.sample_tokens > 0:
             text = self.sample_text(model, self.data.sample_tokens, seed=self.config.train.seed)
             atomic_write_text(Path(run_dir) / "samples" / "final.txt", text)
-        return out
+        return Evaluation(out)
 
 
 def _fingerprint(model: nn.Module) -> tuple:

@@ -12,7 +12,6 @@ Metrics (on "val" every epoch, on the held-out "test" split at the end, in metri
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from duboko.data import numbers as N
+from duboko.data.batching import batch_slice, epoch_permutation, num_batches, rank_slice
+from duboko.config import require_at_least
 from duboko.errors import DubokoError, unknown_name
 from duboko.io import atomic_write_text
-from duboko.tasks import StepOutput, Task
+from duboko.tasks import Evaluation, StepOutput, Task, register_task
 
 DIRECTIONS = ("to_words", "to_digits", "both")
 
@@ -55,10 +56,49 @@ def number_vocabulary_texts(max_number: int) -> list[str]:
     return texts
 
 
+@register_task
 class Seq2SeqTask(Task):
     name = "seq2seq"
     data_config = Seq2SeqDataConfig
-    shown_metric = "accuracy"
+    shown_metric = "accuracy"  # teacher-forced token accuracy (the train value comes from the steps)
+    percent_metrics = ("accuracy", "token_accuracy", "exact_match", "exact_match_beam")
+    losses = ("cross_entropy",)
+    derived_model_fields = {
+        "vocab_size": "the piece tokenizer of data.source",
+        "pad_id": "the piece tokenizer (id 0)",
+        "bos_id": "the piece tokenizer (id 1)",
+        "eos_id": "the piece tokenizer (id 2)",
+    }
+
+    # -- config --------------------------------------------------------------------------------
+    @classmethod
+    def check(cls, config: Any) -> None:
+        super().check(config)
+        cfg = config.data
+        if not cfg.source:
+            raise DubokoError('data.source is empty; expected "numbers" or the path of a TSV file')
+        if cfg.source == "numbers":
+            if cfg.direction not in DIRECTIONS:
+                raise unknown_name("data.direction", cfg.direction, DIRECTIONS)
+            if cfg.max_number < 1000:
+                raise DubokoError(f"data.max_number must be >= 1000, got {cfg.max_number}")
+            require_at_least("data", cfg, 1, "train_size", "val_size", "test_size")
+            if cfg.val_size + cfg.test_size > (cfg.max_number - 100) // 2:
+                raise DubokoError(
+                    f"data.val_size + data.test_size ({cfg.val_size + cfg.test_size}) must be at most half the "
+                    f"numbers from 100 to data.max_number={cfg.max_number}"
+                )
+        elif not (
+            0.0 < cfg.val_fraction < 1.0 and 0.0 < cfg.test_fraction < 1.0 and cfg.val_fraction + cfg.test_fraction < 1.0
+        ):
+            raise DubokoError(
+                f"data.val_fraction and data.test_fraction must be in (0, 1) with sum < 1, got "
+                f"{cfg.val_fraction} and {cfg.test_fraction}"
+            )
+        if cfg.eval_beam < 1:
+            raise DubokoError(f"data.eval_beam must be >= 1 (1: greedy only), got {cfg.eval_beam}")
+        if cfg.eval_batch_size < 1:
+            raise DubokoError(f"data.eval_batch_size must be >= 1, got {cfg.eval_batch_size}")
 
     # -- data ----------------------------------------------------------------------------------
     def setup(self, run_dir: Path | None = None) -> None:
@@ -66,8 +106,6 @@ class Seq2SeqTask(Task):
         are read on first use, so inference on a TSV-trained run does not need the TSV."""
         cfg = self.config.data
         self.numbers = cfg.source == "numbers"
-        if self.numbers and cfg.direction not in DIRECTIONS:
-            raise unknown_name("data.direction", cfg.direction, DIRECTIONS)
         self.pairs: dict[str, list] | None = None
         saved = Path(run_dir) / N.PIECES_FILE if run_dir is not None else None
         if saved is not None and saved.exists():
@@ -78,10 +116,11 @@ class Seq2SeqTask(Task):
             self._load_pairs()
             self.tokenizer = N.PieceTokenizer.train(t for pair in self.pairs["train"] for t in pair)
         tok = self.tokenizer
-        model = self.config.model
-        model["vocab_size"] = tok.vocab_size
-        model.update(pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id)
-        self.max_len = int(model.get("max_len", 64))
+        self.set_model_field("vocab_size", tok.vocab_size)
+        self.set_model_field("pad_id", tok.pad_id)
+        self.set_model_field("bos_id", tok.bos_id)
+        self.set_model_field("eos_id", tok.eos_id)
+        self.max_len = int(self.config.model.get("max_len", 64))
         self._epoch_cache: tuple[int, list] | None = None
 
     def _load_pairs(self) -> None:
@@ -113,8 +152,9 @@ class Seq2SeqTask(Task):
                 self.encoded[split] = [e for _, e in both]
                 self.dropped[split] = len(pairs) - len(both)
 
-    def save_assets(self, run_dir: Path) -> None:
+    def save_assets(self, run_dir: Path) -> list[str]:
         self.tokenizer.save(Path(run_dir) / N.PIECES_FILE)
+        return [N.PIECES_FILE]
 
     def _train_items(self, epoch: int) -> list[tuple[list[int], list[int]]]:
         """This epoch's encoded training pairs, in training order (same on every rank)."""
@@ -126,8 +166,7 @@ class Seq2SeqTask(Task):
             pairs = N.number_pairs(self.splits_numbers.train_numbers(cfg.train_size, epoch), cfg.direction)
             items = N.encode_pairs(self.tokenizer, pairs, self.max_len)
         else:
-            g = torch.Generator().manual_seed(self.config.train.seed * 7919 + epoch)
-            order = torch.randperm(len(self.encoded["train"]), generator=g).tolist()
+            order = epoch_permutation(len(self.encoded["train"]), self.config.train.seed, epoch).tolist()
             items = [self.encoded["train"][i] for i in order]
         self._epoch_cache = (epoch, items)
         return items
@@ -140,7 +179,7 @@ class Seq2SeqTask(Task):
         return len(self.encoded["train"])
 
     def num_train_batches(self) -> int:
-        return math.ceil(self._num_items() / self.config.train.batch_size)
+        return num_batches(self._num_items(), self.config.train.batch_size, self.world_size)
 
     def _batch(self, items: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         src, tgt_in, tgt_out = N.collate(items, self.tokenizer.pad_id, self.tokenizer.bos_id)
@@ -148,20 +187,17 @@ class Seq2SeqTask(Task):
 
     def train_batches(self, epoch: int, start: int = 0) -> Iterator[Any]:
         items = self._train_items(epoch)
-        bs = self.config.train.batch_size
         for i in range(start, self.num_train_batches()):
-            # The global batch is the same for any world size; each rank takes every
-            # world_size-th pair of it.
-            chunk = items[i * bs : (i + 1) * bs][self.rank :: self.world_size]
+            chunk = rank_slice(batch_slice(items, i, self.config.train.batch_size), self.rank, self.world_size)
+            # Numbers longer than max_len tokens are dropped after encoding, so an epoch's items
+            # can end before `num_train_batches` (counted from data.train_size) does.
             if chunk:
                 yield self._batch(chunk)
 
     # -- loss ----------------------------------------------------------------------------------
     def training_step(self, model: nn.Module, batch: Any) -> StepOutput:
-        src, tgt_in, tgt_out = batch
-        if self.config.train.loss not in ("auto", "cross_entropy"):
-            raise DubokoError(f"train.loss {self.config.train.loss!r} does not fit seq2seq; use cross_entropy")
-        logits = model(src, tgt_in)  # (B, T, V)
+        src, tgt_in, tgt_out = batch  # (b, S), (b, T), (b, T)
+        logits = model(src, tgt_in)  # (b, T, V)
         pad = self.tokenizer.pad_id
         loss = F.cross_entropy(
             logits.float().flatten(0, 1), tgt_out.flatten(), ignore_index=pad,
@@ -171,7 +207,8 @@ class Seq2SeqTask(Task):
             real = tgt_out != pad
             n = real.sum()
             correct = ((logits.argmax(-1) == tgt_out) & real).sum()
-        return StepOutput(loss, {"loss_sum": loss.detach() * n, "count": n.float(), "correct": correct})
+        # Per target token (padding excluded): running accuracy = token accuracy.
+        return StepOutput(loss, {"loss_sum": loss.detach() * n, "count": n.float(), "accuracy": correct})
 
     # -- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -219,7 +256,7 @@ class Seq2SeqTask(Task):
             "exact_match": scores["exact_match"],
         }
 
-    def final_metrics(self, model: nn.Module, run_dir: Path | None, history: list[dict]) -> dict[str, Any]:
+    def final_metrics(self, model: nn.Module, run_dir: Path | None, history: list[dict]) -> Evaluation:
         """Held-out test metrics, and every test prediction in test_predictions.tsv."""
         cfg = self.config.data
         scores = self._score(model, "test")
@@ -251,7 +288,6 @@ class Seq2SeqTask(Task):
             text += f"{self.dropped['test']} test pairs were longer than max_len and skipped\n"
         if wrong:
             text += f"first mistakes ({len(wrong)} in all):\n" + "\n".join(wrong[:20]) + "\n"
-        metrics["report_text"] = text
         if run_dir is not None:
             atomic_write_text(Path(run_dir) / "test_predictions.tsv", "\n".join(lines) + "\n")
             atomic_write_text(Path(run_dir) / "report.txt", text)
@@ -262,7 +298,7 @@ class Seq2SeqTask(Task):
                     plot_curves(history, Path(run_dir) / "curves.png", title=self.config.recipe)
                 except ImportError:
                     pass
-        return metrics
+        return Evaluation(metrics, text)
 
     # -- inference -----------------------------------------------------------------------------
     def encode_source(self, text: str) -> torch.Tensor:

@@ -10,12 +10,17 @@ from `train.loss` ("auto" picks the natural one):
     regression      mse            out_features = 1; the target is standardised for training,
                                    metrics (MSE, MAE, R²) are reported in the target's own units
 
-`in_features` / `out_features` of the model are filled from the data in `setup`.
+`in_features` / `out_features` of the model are filled from the data in `setup` (derived model
+fields: a recipe or `--set` cannot give them).
+
+The problem, and so the losses that fit, is known from the config alone for the bundled data sets
+(and whenever `data.problem` or `data.positive_labels` says it), so `check` refuses a mismatched
+`train.loss` before any data is loaded; for a CSV with `data.problem = "auto"` only the data tells,
+and `setup` refuses it then.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,14 +32,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from duboko import registry
-from duboko.data.tabular import Standardizer, TabularSplits, load_table, make_splits
-from duboko.errors import DubokoError
+from duboko.data.batching import batch_slice, epoch_permutation, num_batches, rank_slice
+from duboko.data.tabular import DATASETS, PROBLEMS, Standardizer, TabularSplits, load_table, make_splits
+from duboko.errors import DubokoError, unknown_name
 from duboko.evaluate import metrics as M
 from duboko.io import atomic_write_json, atomic_write_text, read_json
-from duboko.tasks import StepOutput, Task
+from duboko.tasks import Evaluation, StepOutput, Task, register_task
 
 ASSETS_FILE = "tabular.json"
 EVAL_BATCH = 1024
+# The bundled data sets' problems and class counts (0: regression), known without loading them.
+BUILTIN_PROBLEMS = {"digits": ("classification", 10), "breast-cancer": ("binary", 2), "diabetes": ("regression", 0)}
+# The losses that fit each problem, the natural one first.
+PROBLEM_LOSSES = {
+    "classification": ("cross_entropy",),
+    "binary": ("bce", "cross_entropy"),
+    "regression": ("mse",),
+}
 
 
 @dataclass
@@ -50,16 +64,19 @@ class TabularDataConfig:
     standardize: bool = True  # (x - mean) / std with train-split statistics (and the target, for regression)
 
 
+def problem_losses(problem: str, num_classes: int | None) -> tuple[str, ...]:
+    """The `train.loss` values that fit a problem, the natural one first; a two-class
+    classification also trains with bce, and one of unknown class count (None) may."""
+    if problem == "classification" and (num_classes is None or num_classes == 2):
+        return ("cross_entropy", "bce")
+    return PROBLEM_LOSSES[problem]
+
+
 def resolve_loss(problem: str, loss: str, num_classes: int) -> str:
     """The loss to train with, given the data's problem and `train.loss`; refuses mismatches."""
-    natural = {"classification": "cross_entropy", "binary": "bce", "regression": "mse"}[problem]
+    allowed = problem_losses(problem, num_classes)
     if loss == "auto":
-        return natural
-    allowed = {
-        "classification": ("cross_entropy", "bce") if num_classes == 2 else ("cross_entropy",),
-        "binary": ("bce", "cross_entropy"),
-        "regression": ("mse",),
-    }[problem]
+        return allowed[0]
     if loss not in allowed:
         raise DubokoError(
             f"train.loss={loss!r} does not fit a {problem} target"
@@ -69,11 +86,80 @@ def resolve_loss(problem: str, loss: str, num_classes: int) -> str:
     return loss
 
 
+@register_task
 class TabularTask(Task):
     name = "tabular"
     data_config = TabularDataConfig
-    shown_metric = "accuracy"
+    shown_metric = "accuracy"  # "" for a regression (set per instance)
+    datasets = DATASETS
+    losses = ("cross_entropy", "bce", "mse")  # all the task knows; `allowed_losses` narrows them
+    derived_model_fields = {
+        "in_features": "the feature columns of data.dataset (data.path for a CSV)",
+        "out_features": "the classes of data.dataset's target and train.loss (1 for bce and mse)",
+    }
 
+    def __init__(self, config: Any, device: torch.device, rank: int = 0, world_size: int = 1):
+        super().__init__(config, device, rank, world_size)
+        problem, _ = self.config_problem(config)
+        if problem == "regression":
+            self.shown_metric = ""
+        self.resolved_loss: str | None = None  # resolved in `setup`, once the data set is known
+
+    # -- config --------------------------------------------------------------------------------
+    @staticmethod
+    def config_problem(config: Any) -> tuple[str | None, int | None]:
+        """(problem, number of classes) as far as the config tells without loading the data:
+        None for what only the data knows (a CSV's problem with data.problem=auto, its classes)."""
+        d = config.data
+        if d.dataset not in DATASETS or d.problem not in PROBLEMS:
+            return None, None
+        builtin = BUILTIN_PROBLEMS.get(d.dataset)
+        if d.problem == "auto":
+            # `load_table`: positive labels make a binary target; else the data set's own problem.
+            if d.positive_labels:
+                return "binary", 2
+            return builtin if builtin else (None, None)
+        if d.problem == "binary":
+            return "binary", 2
+        if d.problem == "regression":
+            return "regression", 0
+        # Classification asked for: two classes from positive labels, else the bundled set's own
+        # count when it is a class target (a CSV's classes, or a regression target's distinct
+        # values, only the data knows).
+        if d.positive_labels:
+            return "classification", 2
+        return "classification", builtin[1] if builtin and builtin[0] != "regression" else None
+
+    @classmethod
+    def allowed_losses(cls, config: Any) -> tuple[str, ...]:
+        problem, num_classes = cls.config_problem(config)
+        if problem is None:
+            return cls.losses  # a CSV with data.problem=auto: `setup` decides from the data
+        return problem_losses(problem, num_classes)
+
+    @classmethod
+    def check(cls, config: Any) -> None:
+        super().check(config)  # data.dataset, then train.loss (allowed_losses copes with a bad problem)
+        d = config.data
+        if d.problem not in PROBLEMS:
+            raise unknown_name("data.problem", d.problem, PROBLEMS)
+        if d.dataset == "csv":
+            # (An empty data.target is refused when the file is read, with its columns listed.)
+            if not d.path:
+                raise DubokoError("data.dataset=csv needs data.path=FILE.csv")
+        elif d.path:
+            raise DubokoError(f"data.path is only for data.dataset=csv, got data.dataset {d.dataset!r}")
+        if not (0 <= d.val_fraction < 1 and 0 < d.test_fraction < 1 and d.val_fraction + d.test_fraction < 1):
+            raise DubokoError(
+                f"data.val_fraction and data.test_fraction must be in [0, 1) with a sum below 1, "
+                f"got {d.val_fraction} and {d.test_fraction}"
+            )
+
+    def loss_name(self) -> str:
+        """The resolved `train.loss`: from the data once `setup` has run."""
+        return self.resolved_loss if self.resolved_loss is not None else super().loss_name()
+
+    # -- data ----------------------------------------------------------------------------------
     def setup(self, run_dir: Path | None = None) -> None:
         d = self.config.data
         table = load_table(d.dataset, d.path, d.target, d.problem, d.positive_labels)
@@ -92,27 +178,34 @@ class TabularTask(Task):
         )
         self.problem = table.problem
         self.num_classes = len(table.class_names) if table.problem != "regression" else 0
-        self.loss_name = resolve_loss(self.problem, self.config.train.loss, self.num_classes)
+        # What `check` could not know (a CSV's problem, its class count) is checked here.
+        self.resolved_loss = resolve_loss(self.problem, self.config.train.loss, self.num_classes)
+        if self.config.train.label_smoothing > 0 and self.resolved_loss != "cross_entropy":
+            raise DubokoError(
+                f"train.label_smoothing {self.config.train.label_smoothing!r} needs a cross-entropy loss; "
+                f"this {self.problem} target trains with {self.resolved_loss}"
+            )
         self.shown_metric = "" if self.problem == "regression" else "accuracy"
-        out = 1 if self.loss_name in ("bce", "mse") else self.num_classes
+        out = 1 if self.resolved_loss in ("bce", "mse") else self.num_classes
         self._fill_model_fields(in_features=table.features.shape[1], out_features=out)
         for split in self.splits.x:
             self.splits.x[split] = self.splits.x[split].to(self.device)
             self.splits.y[split] = self.splits.y[split].to(self.device)
 
     def _fill_model_fields(self, **values: int) -> None:
+        # Only the fields this model has (a model without out_features is left as it is).
         fields = registry.config_fields(registry.get_spec(self.config.model["name"]))
         for key, value in values.items():
             if key in fields:
-                self.config.model[key] = value
+                self.set_model_field(key, value)
 
-    def save_assets(self, run_dir: Path) -> None:
+    def save_assets(self, run_dir: Path) -> list[str]:
         t = self.splits.table
         atomic_write_json(
             Path(run_dir) / ASSETS_FILE,
             {
                 "problem": self.problem,
-                "loss": self.loss_name,
+                "loss": self.loss_name(),
                 "feature_names": t.feature_names,
                 "target_name": t.target_name,
                 "class_names": t.class_names,
@@ -120,39 +213,28 @@ class TabularTask(Task):
                 "y_scaler": self.splits.y_scaler.to_dict() if self.splits.y_scaler else None,
             },
         )
+        return [ASSETS_FILE]
 
     # -- batches -------------------------------------------------------------------------------
-    def _per_rank_batch(self) -> int:
-        return max(1, self.config.train.batch_size // self.world_size)
-
-    def _rank_rows(self) -> int:
-        n = len(self.splits.y["train"])
-        # Every rank gets the same number of rows (the remainder is dropped) so DDP ranks stay in step.
-        return n if self.world_size == 1 else n // self.world_size
-
     def num_train_batches(self) -> int:
-        return math.ceil(self._rank_rows() / self._per_rank_batch())
+        return num_batches(len(self.splits.y["train"]), self.config.train.batch_size, self.world_size)
 
     def train_batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self.splits.y["train"])
-        gen = torch.Generator().manual_seed(self.config.train.seed * 1_000_003 + epoch)
-        order = torch.randperm(n, generator=gen)
-        mine = order[self.rank :: self.world_size][: self._rank_rows()].to(self.device)
-        bs = self._per_rank_batch()
+        order = epoch_permutation(len(self.splits.y["train"]), self.config.train.seed, epoch).to(self.device)
         for b in range(start, self.num_train_batches()):
-            rows = mine[b * bs : (b + 1) * bs]
-            yield self.splits.x["train"][rows], self.splits.y["train"][rows]
+            rows = rank_slice(batch_slice(order, b, self.config.train.batch_size), self.rank, self.world_size)
+            yield self.splits.x["train"][rows], self.splits.y["train"][rows]  # (b, F), (b,)
 
     # -- loss ----------------------------------------------------------------------------------
     def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.loss_name == "cross_entropy":
+        if self.resolved_loss == "cross_entropy":
             return F.cross_entropy(out, y, label_smoothing=self.config.train.label_smoothing)
-        if self.loss_name == "bce":
+        if self.resolved_loss == "bce":
             return F.binary_cross_entropy_with_logits(out.squeeze(-1), y.float())
         return F.mse_loss(out.squeeze(-1), y)
 
     def _predicted_class(self, out: torch.Tensor) -> torch.Tensor:
-        if self.loss_name == "bce":
+        if self.resolved_loss == "bce":
             return (out.squeeze(-1) > 0).long()  # sigmoid(z) > 0.5  ⇔  z > 0
         return out.argmax(dim=-1)
 
@@ -163,7 +245,7 @@ class TabularTask(Task):
         count = float(len(y))
         stats: dict[str, Any] = {"loss_sum": loss.detach() * count, "count": count}
         if self.problem != "regression":
-            stats["correct"] = (self._predicted_class(out.detach()) == y).sum().float()
+            stats["accuracy"] = (self._predicted_class(out.detach()) == y).sum().float()
         return StepOutput(loss, stats)
 
     # -- evaluation ----------------------------------------------------------------------------
@@ -200,16 +282,16 @@ class TabularTask(Task):
         out = self._outputs(model, x.to(self.device)).cpu()
         if self.problem == "regression":
             return self.splits.y_scaler.inverse(out.double().numpy())[:, 0]
-        if self.loss_name == "bce":
+        if self.resolved_loss == "bce":
             p1 = torch.sigmoid(out.squeeze(-1))
             return torch.stack([1 - p1, p1], dim=-1).numpy()
         return torch.softmax(out, dim=-1).numpy()
 
-    def final_metrics(self, model: nn.Module, run_dir: Path | None, history: list[dict]) -> dict[str, Any]:
+    def final_metrics(self, model: nn.Module, run_dir: Path | None, history: list[dict]) -> Evaluation:
         test = self.evaluate(model, "test")
         result: dict[str, Any] = {f"test_{k}": v for k, v in test.items()}
         result["problem"] = self.problem
-        result["loss_function"] = self.loss_name
+        result["loss_function"] = self.loss_name()
         n_test = len(self.splits.y["test"])
         if self.problem == "regression":
             # The bar to beat: always predicting the train split's mean target.
@@ -229,7 +311,7 @@ class TabularTask(Task):
             result["confusion_matrix"] = cm.tolist()
             text = (
                 f"test ({n_test} rows): accuracy {result['test_accuracy'] * 100:.2f}%, loss {result['test_loss']:.4f} "
-                f"({self.loss_name})\n\nClassification report\n{M.format_report(report)}\n\n"
+                f"({self.loss_name()})\n\nClassification report\n{M.format_report(report)}\n\n"
                 f"Confusion matrix (rows = true, columns = predicted)\n{M.format_confusion(cm, names)}\n"
             )
         if run_dir is not None:  # `duboko eval --json` passes None: write nothing
@@ -242,25 +324,23 @@ class TabularTask(Task):
                 self._plot_regression(model, Path(run_dir) / "predictions.png", result)
             else:
                 plot_confusion(cm, names, Path(run_dir) / "confusion_matrix.png")
-        result["report_text"] = text
-        return result
+        return Evaluation(result, text)
 
     def _plot_regression(self, model: nn.Module, path: Path, metrics: dict[str, Any]) -> None:
         """Predicted vs true target on the test split, with the perfect line and the train mean."""
-        from duboko.evaluate.plots import _plt, save_figure
+        from duboko.evaluate.plots import figure
 
-        plt = _plt()
         scaler = self.splits.y_scaler
         out = self._outputs(model, self.splits.x["test"]).squeeze(-1).double().cpu().numpy()
         pred = scaler.inverse(out[:, None])[:, 0]
         true = scaler.inverse(self.splits.y["test"].double().cpu().numpy()[:, None])[:, 0]
-        fig, ax = plt.subplots(figsize=(5, 5))
-        ax.scatter(true, pred, s=12, alpha=0.7)
-        lo, hi = float(min(true.min(), pred.min())), float(max(true.max(), pred.max()))
-        ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="perfect")
-        ax.axhline(float(scaler.mean[0]), color="gray", lw=1, ls=":", label="train mean")
-        ax.set_xlabel(f"true {self.splits.table.target_name}")
-        ax.set_ylabel("predicted")
-        ax.set_title(f"test: R² {metrics['test_r2']:.3f}, MAE {metrics['test_mae']:.2f}")
-        ax.legend()
-        save_figure(fig, path)
+        with figure(path, size=(5, 5)) as (_, axes):
+            ax = axes[0][0]
+            ax.scatter(true, pred, s=12, alpha=0.7)
+            lo, hi = float(min(true.min(), pred.min())), float(max(true.max(), pred.max()))
+            ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="perfect")
+            ax.axhline(float(scaler.mean[0]), color="gray", lw=1, ls=":", label="train mean")
+            ax.set_xlabel(f"true {self.splits.table.target_name}")
+            ax.set_ylabel("predicted")
+            ax.set_title(f"test: R² {metrics['test_r2']:.3f}, MAE {metrics['test_mae']:.2f}")
+            ax.legend()

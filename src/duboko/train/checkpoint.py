@@ -24,11 +24,11 @@ from duboko.io import load_tensors, save_tensors
 STATE_FILE = "state.safetensors"
 
 
-def rng_state_tensors() -> dict[str, torch.Tensor]:
-    out = {"cpu": torch.get_rng_state()}
+def cuda_rng_state() -> torch.Tensor | None:
+    """This process's CUDA generator state (the CPU states come per rank, in `rank_rng`)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["cuda"] = torch.cuda.get_rng_state()
-    return out
+        return torch.cuda.get_rng_state()
+    return None
 
 
 def py_rng_state() -> dict[str, Any]:
@@ -94,9 +94,9 @@ def save_state(
         tensors.update({f"ema/{k}": v for k, v in ema.state_dict().items()})
     for rank, state in enumerate(rank_rng):
         tensors[f"rng/{rank}"] = state
-    extra = rng_state_tensors()
-    if "cuda" in extra:
-        tensors["rng_cuda/0"] = extra["cuda"]
+    cuda_state = cuda_rng_state()
+    if cuda_state is not None:
+        tensors["rng_cuda/0"] = cuda_state
     full_meta = {**meta, "optimizer": opt_meta, "py_rng": py_rng_state(), "world_size": len(rank_rng)}
     save_tensors(tensors, run_dir / STATE_FILE, metadata={"duboko_state": json.dumps(full_meta)})
 

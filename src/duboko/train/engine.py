@@ -1,9 +1,13 @@
-"""The one training engine every family shares.
+"""The one training engine every family shares: `Trainer`.
 
 It owns the loop, device, precision, optimizer and schedule, gradient clipping, EMA, the
 non-finite guard, progress bars and summary lines, history/TensorBoard logging, checkpoints and
 exact resume, and torch.distributed (DDP under torchrun). A family's `Task` only provides
 batches, the loss of one batch and evaluation (see `duboko.tasks`).
+
+`Trainer` is steppable: `step(batch)` is one optimizer update, `run_epoch()` one pass with its
+validation, history row and checkpoint, `fit()` the whole run. `duboko train` calls `fit`, and
+`duboko bench` times `Trainer.step` itself, so a benchmark never measures other code than training.
 """
 
 from __future__ import annotations
@@ -11,33 +15,28 @@ from __future__ import annotations
 import copy
 import math
 import os
-import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from duboko import config as C
 from duboko.errors import DubokoError
 from duboko.io import atomic_write_json
-from duboko.tasks import get_task_cls
+from duboko.registry import get_task
+from duboko.seeding import derive_seed, seed_everything
+from duboko.tasks import Evaluation, StepOutput, Task
 from duboko.train import checkpoint as ckpt
 from duboko.train import distributed as D
 from duboko.train import runtime
 from duboko.train.optim import build_optimizer, lr_factor, set_lr
 from duboko.precision import autocast, resolve_precision
 from duboko.train.run import CONFIG, METRICS, pick_device, save_weights, write_history, write_manifest
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 class EMA:
@@ -104,18 +103,19 @@ def apply_gradients(
         ema.update(model)
 
 
-def _fmt_metric(key: str, value: float) -> str:
-    if "accuracy" in key or key in ("exact_match", "prompt_accuracy"):
-        return f"{key} = {value * 100:.2f}%"
-    return f"{key} = {value:.4f}"
+def _fmt_metric(key: str, value: float, percent: bool) -> str:
+    return f"{key} = {value * 100:.2f}%" if percent else f"{key} = {value:.4f}"
 
 
-def summary_line(epoch: int, train: dict[str, float], val: dict[str, float], seconds: float) -> str:
-    """`[Epoch 1] loss = 0.1234 | accuracy = 96.54% | val_loss = ... | 12.3s` (the primer's line, extended)."""
-    parts = [_fmt_metric("loss", train["loss"])]
-    if "accuracy" in train:
-        parts.append(_fmt_metric("accuracy", train["accuracy"]))
-    parts += [_fmt_metric(f"val_{k}", v) for k, v in val.items() if isinstance(v, (int, float))]
+def summary_line(epoch: float, train: dict[str, float], val: dict[str, float], seconds: float,
+                 shown_metric: str = "", percent_metrics: tuple[str, ...] = ("accuracy",)) -> str:
+    """`[Epoch 1] loss = 0.1234 | accuracy = 96.54% | val_loss = ... | 12.3s` (the primer's line,
+    extended): the training loss, the task's `shown_metric`, then every validation metric."""
+    parts = [_fmt_metric("loss", train["loss"], False)]
+    if shown_metric and shown_metric in train:
+        parts.append(_fmt_metric(shown_metric, train[shown_metric], shown_metric in percent_metrics))
+    parts += [_fmt_metric(f"val_{k}", v, k in percent_metrics) for k, v in val.items()
+              if isinstance(v, (int, float)) and not isinstance(v, bool)]
     return f"[Epoch {epoch}] " + " | ".join(parts) + f" | {seconds:.1f}s"
 
 
@@ -131,8 +131,8 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool, is_main: bool) -> 
         return
     if (out / CONFIG).exists() and not overwrite:
         raise DubokoError(
-            f"run folder {str(out)!r} already holds a run; use --resume to continue it, "
-            "--overwrite to replace it, or another --out"
+            f"run folder {str(out)!r} already holds a run; resume it (resume=True, `duboko train --resume`), "
+            "replace it (overwrite=True, `--overwrite`), or pick another run folder"
         )
 
 
@@ -147,274 +147,448 @@ def create_run_dir(out: Path, is_main: bool) -> None:
             raise DubokoError(f"run folder {str(out)!r} is not writable")
 
 
+def plan_steps(tcfg: C.TrainConfig, steps_per_epoch: int) -> tuple[int, int]:
+    """(total optimizer steps, epochs) of a run: `train.epochs` passes, cut by `train.max_steps`
+    when it is set (with epochs = 0, max_steps alone decides and the epochs follow from it)."""
+    if steps_per_epoch < 1:
+        raise DubokoError("the training data gives no batch; check data.limit_train and train.batch_size")
+    total_steps = tcfg.epochs * steps_per_epoch
+    if tcfg.max_steps:
+        total_steps = min(total_steps, tcfg.max_steps) if tcfg.epochs else tcfg.max_steps
+    epochs = tcfg.epochs if not tcfg.max_steps else min(tcfg.epochs or 10**9, math.ceil(total_steps / steps_per_epoch))
+    return total_steps, epochs
+
+
+@dataclass
+class TrainState:
+    """Where a run is: saved as JSON in the checkpoint's metadata, restored by `Trainer.resume`."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epochs finished (the index of the epoch being trained)
+    batch: int = 0  # batches done inside the current epoch
+    sums: dict[str, float] = field(default_factory=dict)  # running sums of the epoch's step statistics
+    history: list[dict] = field(default_factory=list)  # one row per epoch (history.csv)
+    train_seconds: float = 0.0  # time in training passes, all epochs
+    epoch_seconds: float = 0.0  # time in the current epoch before its last checkpoint
+    skipped_steps: int = 0  # non-finite losses skipped (train.nonfinite = skip)
+    grad_sums: dict[str, float] = field(default_factory=dict)  # per-layer gradient norms, summed
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> "TrainState":
+        names = {f for f in cls.__dataclass_fields__}
+        state = cls(**{k: v for k, v in meta.items() if k in names})
+        if not (isinstance(state.step, int) and isinstance(state.epoch, int) and isinstance(state.batch, int)
+                and min(state.step, state.epoch, state.batch) >= 0):
+            raise DubokoError(f"the saved training state is corrupt: step {state.step!r}, epoch {state.epoch!r}, "
+                              f"batch {state.batch!r} (expected whole numbers >= 0)")
+        return state
+
+
+class Trainer:
+    """One run of one `RunConfig`, steppable.
+
+    `Trainer(cfg, out_dir)` sets everything up (device, process settings, seeding, task and data,
+    model, EMA, optimizer, precision, the run folder, or the saved state with `resume=True`);
+    `step(batch)` is one optimizer update; `run_epoch()` one epoch with validation, history row and
+    checkpoint; `evaluate(split)` the task's metrics; `save()` a checkpoint; `fit()` the whole run.
+    With `out_dir=None` nothing is written (benchmarks, notebooks)."""
+
+    def __init__(
+        self,
+        cfg: C.RunConfig,
+        out_dir: str | Path | None = None,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        quiet: bool = False,
+        stream=None,
+        device: str | None = None,
+        progress: bool | None = None,
+    ):
+        self.cfg = cfg
+        # Progress bars: None shows them when the stream is a terminal; True always (tqdm.auto:
+        # a notebook widget in Jupyter), False never.
+        self.progress = progress
+        self.out = Path(out_dir) if out_dir is not None else None
+        self.stream = stream or sys.stdout
+        self.quiet = quiet
+        self.wall_start = time.perf_counter()
+        tcfg = cfg.train
+        self.device = pick_device(device or tcfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+        self.dist = D.init_from_env(self.device.type)
+        self.is_main = self.dist.is_main
+        self.writer = None
+        try:
+            self._setup(resume, overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- set-up ----------------------------------------------------------------------------------
+    def _setup(self, resume: bool, overwrite: bool) -> None:
+        cfg, tcfg, out = self.cfg, self.cfg.train, self.out
+        if resume and out is None:
+            raise DubokoError("resuming needs the run folder (out_dir)")
+        runtime.configure(tcfg, self.device)
+        task_cls = get_task(cfg.task)
+        task_cls.check(cfg)  # a config built by hand, not through config.resolve, is checked too
+        if out is not None:
+            prepare_run_dir(out, resume, overwrite, self.is_main)
+
+        # Same seed on every rank for the model's initial weights (DDP also broadcasts rank 0's).
+        seed_everything(tcfg.seed)
+        self.task: Task = task_cls(cfg, self.device, self.dist.rank, self.dist.world_size)
+        self.task.setup(out if resume else None)
+        model = self.task.build_model().to(self.device)
+        if tcfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.ema = EMA(model, tcfg.ema_decay) if tcfg.ema_decay > 0 else None
+        self.optimizer = build_optimizer(model, tcfg, self.device)
+        self.precision = resolve_precision(tcfg.precision, self.device)  # "auto": bf16 only where native
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        self.steps_per_epoch = self.task.num_train_batches()
+        self.total_steps, self.epochs = plan_steps(tcfg, self.steps_per_epoch)
+        self.state = TrainState()
+        if resume:
+            self.resume()
+        else:
+            # Dropout and other training-time randomness differ per rank.
+            seed_everything(derive_seed(tcfg.seed, self.dist.rank))
+        self._epoch_sums: dict[str, torch.Tensor] = {}
+        self._grad_sums: dict[str, float] = {}
+        self._log_now = False
+
+        self.assets: list[str] = []
+        if out is not None:
+            create_run_dir(out, self.is_main)
+            if self.is_main:
+                atomic_write_json(out / CONFIG, cfg.to_dict())
+                self.assets = list(self.task.save_assets(out) or [])
+
+        train_model: nn.Module = model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            train_model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if tcfg.compile:
+            train_model = torch.compile(train_model)
+        self.train_model = train_model
+        self.parameters = sum(p.numel() for p in model.parameters())
+        if out is not None and self.is_main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(out / "tb"), purge_step=self.state.step if resume else None)
+            except ImportError:
+                self.writer = None
+
+    def resume(self) -> None:
+        """Restore the run folder's saved state: weights, optimizer moments, EMA, every RNG and
+        the position in the data (epoch, batch), so training continues bit-exactly."""
+        tcfg, out = self.cfg.train, self.out
+        tensors, meta = ckpt.load_state(out, self.device)
+        try:
+            self.model.load_state_dict(ckpt.sub_state(tensors, "model"))
+        except RuntimeError as exc:
+            raise DubokoError(f"{out / ckpt.STATE_FILE} does not fit model {self.cfg.model['name']!r}: "
+                              f"{str(exc).splitlines()[0]}") from exc
+        ckpt.optimizer_from_flat(self.optimizer, {k: v.to(self.device) for k, v in tensors.items() if k.startswith("optim/")},
+                                 meta["optimizer"])
+        if self.ema is not None and any(k.startswith("ema/") for k in tensors):
+            self.ema.module.load_state_dict(ckpt.sub_state(tensors, "ema"))
+        rng_key = f"rng/{self.dist.rank}"
+        if rng_key in tensors:
+            torch.set_rng_state(tensors[rng_key])
+        else:  # saved on fewer ranks: this rank starts a fresh stream of its own
+            seed_everything(derive_seed(tcfg.seed, self.dist.rank))
+        ckpt.set_py_rng_state(meta["py_rng"])
+        if "rng_cuda/0" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng_cuda/0"])
+        self.state = TrainState.from_meta(meta)
+        st = self.state
+        if self.finished:
+            raise DubokoError(
+                f"run {str(out)!r} already finished {st.epoch} epoch(s) ({st.step} steps); "
+                "raise train.epochs (or train.max_steps) to train further"
+            )
+        self._show(f"Resuming {out} at epoch {st.epoch + 1}, batch {st.batch} (step {st.step})")
+
+    # -- the loop --------------------------------------------------------------------------------
+    @property
+    def finished(self) -> bool:
+        st, max_steps = self.state, self.cfg.train.max_steps
+        return st.epoch >= self.epochs or bool(max_steps and st.step >= self.total_steps)
+
+    def eval_model(self) -> nn.Module:
+        """The weights that are evaluated and saved: the EMA's when EMA is on."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def train_batches(self) -> Iterator[Any]:
+        """The rest of the current epoch's batches, from the saved position on."""
+        return self.task.train_batches(self.state.epoch, start=self.state.batch)
+
+    def _is_finite(self, loss: torch.Tensor) -> bool:
+        finite = torch.isfinite(loss.detach())
+        if self.dist.enabled:  # every rank skips or stops together
+            flag = finite.float().reshape(1)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            finite = flag[0] > 0
+        return bool(finite)
+
+    def _inspect_gradients(self) -> None:
+        """Per-layer gradient norms, after unscaling and clipping: summed for history.csv
+        (train.log_grad_norms) and logged to TensorBoard on logging steps."""
+        norms = _grad_norms(self.model)
+        if self.cfg.train.log_grad_norms:
+            for k, v in norms.items():
+                self._grad_sums[k] = self._grad_sums.get(k, 0.0) + v
+        if self._log_now:
+            for k, v in norms.items():
+                self.writer.add_scalar(f"grad_norm/{k}", v, self.state.step)
+
+    def step(self, batch: Any) -> StepOutput | None:
+        """One optimizer update on `batch`: the scheduled learning rate, the task's loss under
+        autocast, the non-finite guard, `apply_gradients`, the running sums. Returns the task's
+        `StepOutput`, or None for a skipped non-finite step (train.nonfinite = skip)."""
+        st, tcfg = self.state, self.cfg.train
+        lr = tcfg.lr * lr_factor(tcfg, st.step, self.total_steps)
+        set_lr(self.optimizer, lr)
+        with autocast(self.device, self.precision):
+            outcome = self.task.training_step(self.train_model, batch)
+        loss = outcome.loss
+        if not self._is_finite(loss):
+            if tcfg.nonfinite == "skip":
+                st.skipped_steps += 1
+                st.batch += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                return None
+            if self.out is None:
+                kept = "Nothing was saved (no run folder)"
+            elif (self.out / ckpt.STATE_FILE).exists():
+                kept = f"The last good checkpoint is kept in {self.out}"
+            else:
+                kept = "No checkpoint was saved before it (train.checkpoint_every=N saves every N steps)"
+            raise DubokoError(
+                f"the loss became {loss.item()} at step {st.step + 1} (epoch {st.epoch + 1}, batch {st.batch + 1}); "
+                f"stopped. {kept}. Lower train.lr, set train.grad_clip, or set train.nonfinite=skip"
+            )
+        self._log_now = self.writer is not None and st.step % tcfg.log_every == 0
+        inspect = self._inspect_gradients if tcfg.log_grad_norms or self._log_now else None
+        apply_gradients(loss, self.model, self.optimizer, tcfg.grad_clip, scaler=self.scaler, ema=self.ema, inspect=inspect)
+        sums = self._epoch_sums
+        for k, v in outcome.stats.items():
+            v = v.detach().double() if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=torch.float64, device=self.device)
+            sums[k] = sums[k] + v if k in sums else v
+        st.step += 1
+        st.batch += 1
+        if self._log_now:
+            self.writer.add_scalar("train/loss", loss.item(), st.step)
+            self.writer.add_scalar("train/lr", lr, st.step)
+        return outcome
+
+    def _running(self, sums: dict[str, float]) -> dict[str, float]:
+        """Epoch metrics from summed step statistics: loss = loss_sum / count, key = sum / count."""
+        count = max(1.0, sums.get("count", 1.0))
+        metrics = {"loss": sums.get("loss_sum", float("nan")) / count}
+        metrics.update({k: v / count for k, v in sums.items() if k not in ("loss_sum", "count")})
+        return metrics
+
+    def _progress_bar(self):
+        stream = self.stream
+        tty = hasattr(stream, "isatty") and stream.isatty()
+        wanted = self.progress if self.progress is not None else (tty and not self.quiet)
+        if not (self.is_main and wanted):
+            return None
+        if tty:
+            from tqdm import tqdm
+        else:
+            from tqdm.auto import tqdm
+
+        return tqdm(total=self.steps_per_epoch, initial=self.state.batch, leave=False, dynamic_ncols=True, file=stream,
+                    desc=f"Epoch {self.state.epoch + 1}/{self.epochs}")
+
+    def _bar_postfix(self, bar) -> None:
+        running = self._running({k: v.item() for k, v in self._epoch_sums.items()})
+        post = {"loss": f"{running['loss']:.4f}"}
+        shown = self.task.shown_metric
+        if shown and shown in running:
+            value = running[shown]
+            post[shown] = f"{value * 100:.2f}%" if shown in self.task.percent_metrics else f"{value:.4f}"
+        bar.set_postfix(post)
+
+    def run_epoch(self) -> dict[str, Any]:
+        """Train the rest of the current epoch (or up to train.max_steps), validate, log, save;
+        returns the epoch's history row."""
+        st, tcfg = self.state, self.cfg.train
+        epoch = st.epoch
+        self.model.train()
+        self._epoch_sums = {k: torch.tensor(v, dtype=torch.float64, device=self.device) for k, v in st.sums.items()}
+        self._grad_sums = dict(st.grad_sums)
+        bar = self._progress_bar()
+        t_epoch = time.perf_counter()
+        reached_max = False
+        for batch in self.train_batches():
+            if self.step(batch) is None:
+                continue
+            if bar is not None:
+                bar.update(1)
+                if st.batch % 10 == 0 or st.batch == self.steps_per_epoch:
+                    self._bar_postfix(bar)
+            if tcfg.checkpoint_every and st.step % tcfg.checkpoint_every == 0:
+                now = time.perf_counter()
+                st.epoch_seconds += now - t_epoch
+                st.train_seconds += now - t_epoch
+                t_epoch = now
+                self.save(finished_epoch=False)
+            if tcfg.max_steps and st.step >= self.total_steps:
+                reached_max = True
+                break
+        if bar is not None:
+            bar.close()
+        seconds = time.perf_counter() - t_epoch
+        st.train_seconds += seconds
+        epoch_seconds = st.epoch_seconds + seconds
+        totals = {k: v.item() for k, v in D.all_reduce_sum(self._epoch_sums, self.dist).items()}
+        train_metrics = self._running(totals)
+        # A run stopped by max_steps inside an epoch keeps its place in it, so that a resume
+        # with more steps continues the same epoch; its history row has a fractional epoch.
+        partial = reached_max and st.batch < self.steps_per_epoch
+        shown_epoch = round(epoch + st.batch / self.steps_per_epoch, 4) if partial else epoch + 1
+        row: dict[str, Any] = {"epoch": shown_epoch, "step": st.step}
+        row.update({f"train_{k}": v for k, v in train_metrics.items()})
+        val: dict[str, float] = {}
+        if (epoch + 1) % tcfg.eval_every == 0 or epoch + 1 == self.epochs or reached_max:
+            val = self.evaluate("val")
+        row.update({f"val_{k}": v for k, v in val.items()})
+        row["lr"] = self.optimizer.param_groups[0]["lr"]
+        row["seconds"] = epoch_seconds
+        if tcfg.log_grad_norms:
+            n_steps = max(1, st.batch)
+            row.update({f"grad_norm_{k}": v / n_steps for k, v in self._grad_sums.items()})
+        if self.is_main:
+            row.update(self.task.epoch_end(self.eval_model(), epoch + 1, self.out) or {})
+            self.model.train()
+        st.history.append(row)
+        self._show(summary_line(shown_epoch, train_metrics, val, epoch_seconds, self.task.shown_metric,
+                                self.task.percent_metrics))
+        if self.writer is not None:
+            for k, v in row.items():
+                if k not in ("epoch", "step") and isinstance(v, (int, float)):
+                    self.writer.add_scalar(f"epoch/{k}", v, epoch + 1)
+        if partial:
+            st.sums = {k: v.item() for k, v in self._epoch_sums.items()}
+            st.grad_sums = dict(self._grad_sums)
+            st.epoch_seconds = epoch_seconds
+        else:
+            st.epoch, st.batch, st.sums, st.grad_sums, st.epoch_seconds = epoch + 1, 0, {}, {}, 0.0
+        if self.out is not None and self.is_main:
+            write_history(self.out, st.history)
+            save_weights(self.out, self.eval_model(), self.cfg)
+        self.save(finished_epoch=not partial)
+        return row
+
+    def evaluate(self, split: str = "val") -> dict[str, float]:
+        """The task's metrics on "val" or "test" with the evaluated weights (EMA when on)."""
+        was_training = self.model.training
+        metrics = self.task.evaluate(self.eval_model(), split)
+        if was_training:
+            self.model.train()
+        return metrics
+
+    def save(self, finished_epoch: bool = False) -> None:
+        """Write the training state (one atomic file) and the manifest; no-op without a run folder.
+        Inside an epoch the running sums are saved with it, so a resume continues the epoch."""
+        if not finished_epoch and self._epoch_sums:
+            self.state.sums = {k: v.item() for k, v in self._epoch_sums.items()}
+            self.state.grad_sums = dict(self._grad_sums)
+        rank_rng = D.gather_rng(torch.get_rng_state(), self.dist)
+        if self.out is None or not self.is_main:
+            return
+        meta = asdict(self.state)
+        if finished_epoch:
+            meta["batch"] = 0
+        ckpt.save_state(self.out, model=self.model, optimizer=self.optimizer, ema=self.ema.module if self.ema else None,
+                        meta=meta, rank_rng=rank_rng)
+        write_manifest(self.out, self.assets)
+
+    def fit(self) -> dict[str, Any]:
+        """Train to the end (train.epochs or train.max_steps); returns the final metrics, which
+        are also written to metrics.json."""
+        try:
+            self._show(self._banner())
+            while not self.finished:
+                self.run_epoch()
+            return self.finish()
+        finally:
+            self.close()
+
+    def _banner(self) -> str:
+        tcfg, dist = self.cfg.train, self.dist
+        ranks = f" × {dist.world_size} ranks" if dist.enabled else ""
+        where = f" -> {self.out}" if self.out is not None else ""
+        return (f"{self.cfg.recipe}: {self.cfg.model['name']} ({self.parameters:,} parameters) on {self.device}{ranks}, "
+                f"{self.precision}, batch {tcfg.batch_size} (per rank {math.ceil(tcfg.batch_size / dist.world_size)}), "
+                f"lr {tcfg.lr:g}, {self.epochs} epoch(s) × {self.steps_per_epoch} steps{where}")
+
+    def finish(self) -> dict[str, Any]:
+        """The final metrics: the last validation row, the task's `final_metrics`, timings and
+        the run's facts; written with the manifest, and the task's report printed."""
+        st = self.state
+        metrics: dict[str, Any] = {}
+        # DDP keeps replicas identical by construction; check it (bit-exact digest, all-gathered).
+        in_sync = D.params_in_sync(self.model, self.dist, self.device) if self.dist.enabled else None
+        if self.is_main:
+            evaluation = self.task.final_metrics(self.eval_model(), self.out, st.history)
+            last = st.history[-1] if st.history else {}
+            metrics = {k: v for k, v in last.items() if k.startswith("val_")}
+            metrics.update(evaluation.metrics)
+            metrics.update({
+                "train_seconds": st.train_seconds,
+                "wall_seconds": time.perf_counter() - self.wall_start,
+                "epochs": st.epoch,
+                "steps": st.step,
+                "parameters": self.parameters,
+                "world_size": self.dist.world_size,
+                "global_batch_size": self.cfg.train.batch_size,
+                "precision": self.precision,
+                "skipped_steps": st.skipped_steps,
+            })
+            if in_sync is not None:
+                metrics["ranks_in_sync"] = in_sync
+                if not in_sync:
+                    print(f"duboko: warning: the {self.dist.world_size} ranks ended with different weights", file=sys.stderr)
+            if self.out is not None:
+                atomic_write_json(self.out / METRICS, metrics)
+                write_manifest(self.out, self.assets)
+            if evaluation.report:
+                self._show("\n" + evaluation.report)
+            if self.out is not None:
+                self._show(f"Run folder: {self.out}  (train {st.train_seconds:.1f}s, wall {metrics['wall_seconds']:.1f}s)")
+        D.barrier(self.dist)
+        return metrics
+
+    def close(self) -> None:
+        """Close TensorBoard and leave the process group (safe to call twice)."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        D.shutdown(self.dist)
+
+    def _show(self, text: str) -> None:
+        if self.is_main and not self.quiet:
+            print(text, file=self.stream, flush=True)
+
+
 def fit(
     cfg: C.RunConfig,
-    out_dir: str | Path,
+    out_dir: str | Path | None,
     *,
     resume: bool = False,
     overwrite: bool = False,
     quiet: bool = False,
     stream=None,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
     """Train `cfg` into the run folder `out_dir`; returns the final metrics (also in metrics.json)."""
-    stream = stream or sys.stdout
-    out = Path(out_dir)
-    tcfg = cfg.train
-    wall_start = time.perf_counter()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(tcfg.device, local_rank)
-    info = D.init_from_env(device.type)
-    runtime.configure(tcfg, device)
-    is_main = info.is_main
-    show = (lambda text: print(text, file=stream, flush=True)) if is_main and not quiet else (lambda text: None)
-    try:
-        prepare_run_dir(out, resume, overwrite, is_main)
-
-        # Same seed on every rank for the model's initial weights (DDP also broadcasts rank 0's).
-        seed_everything(tcfg.seed)
-        task = get_task_cls(cfg.task)(cfg, device, info.rank, info.world_size)
-        task.setup(out if resume else None)
-        model = task.build_model().to(device)
-        if tcfg.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        ema = EMA(model, tcfg.ema_decay) if tcfg.ema_decay > 0 else None
-        optimizer = build_optimizer(model, tcfg, device)
-        precision = resolve_precision(tcfg.precision, device)  # "auto": bf16 only where native
-        scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-
-        steps_per_epoch = task.num_train_batches()
-        if steps_per_epoch < 1:
-            raise DubokoError("the training data gives no batch; check data.limit_train and train.batch_size")
-        total_steps = tcfg.epochs * steps_per_epoch
-        if tcfg.max_steps:
-            total_steps = min(total_steps, tcfg.max_steps) if tcfg.epochs else tcfg.max_steps
-        epochs = tcfg.epochs if not tcfg.max_steps else min(tcfg.epochs or 10**9, math.ceil(total_steps / steps_per_epoch))
-
-        st: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "sums": {}, "history": [], "train_seconds": 0.0,
-                              "epoch_seconds": 0.0, "skipped_steps": 0, "grad_sums": {}}
-        if resume:
-            tensors, meta = ckpt.load_state(out, device)
-            model.load_state_dict(ckpt.sub_state(tensors, "model"))
-            ckpt.optimizer_from_flat(optimizer, {k: v.to(device) for k, v in tensors.items() if k.startswith("optim/")}, meta["optimizer"])
-            if ema is not None and any(k.startswith("ema/") for k in tensors):
-                ema.module.load_state_dict(ckpt.sub_state(tensors, "ema"))
-            rng_key = f"rng/{info.rank}"
-            if rng_key in tensors:
-                torch.set_rng_state(tensors[rng_key])
-            else:
-                seed_everything(tcfg.seed + info.rank)
-            ckpt.set_py_rng_state(meta["py_rng"])
-            if "rng_cuda/0" in tensors and device.type == "cuda":
-                torch.cuda.set_rng_state(tensors["rng_cuda/0"])
-            st.update({k: meta[k] for k in st if k in meta})
-            if st["epoch"] >= epochs or (tcfg.max_steps and st["step"] >= total_steps):
-                raise DubokoError(
-                    f"run {str(out)!r} already finished {st['epoch']} epoch(s) ({st['step']} steps); "
-                    "raise --set epochs=N (or max_steps) to train further"
-                )
-            show(f"Resuming {out} at epoch {st['epoch'] + 1}, batch {st['batch']} (step {st['step']})")
-        else:
-            # Dropout and other training-time randomness differ per rank.
-            seed_everything(tcfg.seed + info.rank)
-
-        create_run_dir(out, is_main)
-        if is_main:
-            atomic_write_json(out / CONFIG, cfg.to_dict())
-            task.save_assets(out)
-
-        train_model: nn.Module = model
-        if info.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-        if tcfg.compile:
-            train_model = torch.compile(train_model)
-
-        n_params = sum(p.numel() for p in model.parameters())
-        show(
-            f"{cfg.recipe}: {cfg.model['name']} ({n_params:,} parameters) on {device}"
-            f"{f' × {info.world_size} ranks' if info.enabled else ''}, {precision}, "
-            f"batch {tcfg.batch_size} (per rank {math.ceil(tcfg.batch_size / info.world_size)}), "
-            f"lr {tcfg.lr:g}, {epochs} epoch(s) × {steps_per_epoch} steps -> {out}"
-        )
-
-        writer = None
-        if is_main:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                writer = SummaryWriter(str(out / "tb"), purge_step=st["step"] if resume else None)
-            except ImportError:
-                writer = None
-
-        def save_checkpoint(finished_epoch: bool) -> None:
-            rank_rng = D.gather_rng(torch.get_rng_state(), info)
-            if not is_main:
-                return
-            meta = {k: st[k] for k in st}
-            if finished_epoch:
-                meta["batch"] = 0
-            ckpt.save_state(out, model=model, optimizer=optimizer, ema=ema.module if ema else None, meta=meta, rank_rng=rank_rng)
-            write_manifest(out)
-
-        def eval_model() -> nn.Module:
-            return ema.module if ema is not None else model
-
-        use_bar = is_main and not quiet and stream.isatty() if hasattr(stream, "isatty") else False
-        reached_max = False
-        for epoch in range(st["epoch"], epochs):
-            st["epoch"] = epoch
-            model.train()
-            sums: dict[str, torch.Tensor] = {k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in st["sums"].items()}
-            grad_sums: dict[str, float] = dict(st["grad_sums"])
-            bar = None
-            if use_bar:
-                from tqdm import tqdm
-
-                bar = tqdm(total=steps_per_epoch, initial=st["batch"], desc=f"Epoch {epoch + 1}/{epochs}", leave=False,
-                           dynamic_ncols=True, file=stream)
-            t_epoch = time.perf_counter()
-            for batch in task.train_batches(epoch, start=st["batch"]):
-                lr = tcfg.lr * lr_factor(tcfg, st["step"], total_steps)
-                set_lr(optimizer, lr)
-                with autocast(device, precision):
-                    outcome = task.training_step(train_model, batch)
-                loss = outcome.loss
-                finite = torch.isfinite(loss.detach())
-                if info.enabled:
-                    flag = finite.float().reshape(1)
-                    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-                    finite = flag[0] > 0
-                if not bool(finite):
-                    if tcfg.nonfinite == "skip":
-                        st["skipped_steps"] += 1
-                        optimizer.zero_grad(set_to_none=True)
-                        st["batch"] += 1
-                        continue
-                    kept = (f"The last good checkpoint is kept in {out}" if (out / ckpt.STATE_FILE).exists()
-                            else "No checkpoint was saved before it (train.checkpoint_every=N saves every N steps)")
-                    raise DubokoError(
-                        f"the loss became {loss.item()} at step {st['step'] + 1} (epoch {epoch + 1}, batch {st['batch'] + 1}); "
-                        f"stopped. {kept}. Lower train.lr, set train.grad_clip, or set train.nonfinite=skip"
-                    )
-                log_now = writer is not None and (st["step"] % tcfg.log_every == 0)
-
-                def log_grads() -> None:
-                    norms = _grad_norms(model)
-                    if tcfg.log_grad_norms:
-                        for k, v in norms.items():
-                            grad_sums[k] = grad_sums.get(k, 0.0) + v
-                    if log_now:
-                        for k, v in norms.items():
-                            writer.add_scalar(f"grad_norm/{k}", v, st["step"])
-
-                apply_gradients(loss, model, optimizer, tcfg.grad_clip, scaler=scaler, ema=ema,
-                                inspect=log_grads if tcfg.log_grad_norms or log_now else None)
-                for k, v in outcome.stats.items():
-                    v = v.detach().double() if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=torch.float64, device=device)
-                    sums[k] = sums[k] + v if k in sums else v
-                st["step"] += 1
-                st["batch"] += 1
-                if log_now:
-                    writer.add_scalar("train/loss", loss.item(), st["step"])
-                    writer.add_scalar("train/lr", lr, st["step"])
-                if bar is not None:
-                    bar.update(1)
-                    if st["batch"] % 10 == 0 or st["batch"] == steps_per_epoch:
-                        count = max(1.0, sums["count"].item())
-                        post = {"loss": f"{sums['loss_sum'].item() / count:.4f}"}
-                        if "correct" in sums:
-                            post["acc"] = f"{sums['correct'].item() / count * 100:.2f}%"
-                        bar.set_postfix(post)
-                if tcfg.checkpoint_every and st["step"] % tcfg.checkpoint_every == 0:
-                    st["sums"] = {k: v.item() for k, v in sums.items()}
-                    st["grad_sums"] = grad_sums
-                    st["epoch_seconds"] += time.perf_counter() - t_epoch
-                    st["train_seconds"] += time.perf_counter() - t_epoch
-                    t_epoch = time.perf_counter()
-                    save_checkpoint(finished_epoch=False)
-                if tcfg.max_steps and st["step"] >= total_steps:
-                    reached_max = True
-                    break
-            if bar is not None:
-                bar.close()
-            seconds = time.perf_counter() - t_epoch
-            st["train_seconds"] += seconds
-            epoch_seconds = st["epoch_seconds"] + seconds
-            totals = {k: v.item() for k, v in D.all_reduce_sum(sums, info).items()}
-            count = max(1.0, totals.get("count", 1.0))
-            train_metrics = {"loss": totals.get("loss_sum", float("nan")) / count}
-            if "correct" in totals:
-                train_metrics["accuracy"] = totals["correct"] / count
-            # A run stopped by max_steps inside an epoch keeps its place in it, so that a resume
-            # with more steps continues the same epoch; its history row has a fractional epoch.
-            partial = reached_max and st["batch"] < steps_per_epoch
-            shown_epoch = round(epoch + st["batch"] / steps_per_epoch, 4) if partial else epoch + 1
-            row: dict[str, Any] = {"epoch": shown_epoch, "step": st["step"]}
-            row.update({f"train_{k}": v for k, v in train_metrics.items()})
-            val: dict[str, float] = {}
-            if (epoch + 1) % tcfg.eval_every == 0 or epoch + 1 == epochs or reached_max:
-                val = task.evaluate(eval_model(), "val")
-                model.train()
-            row.update({f"val_{k}": v for k, v in val.items()})
-            row["lr"] = optimizer.param_groups[0]["lr"]
-            row["seconds"] = epoch_seconds
-            if tcfg.log_grad_norms:
-                n_steps = max(1, st["batch"])
-                row.update({f"grad_norm_{k}": v / n_steps for k, v in grad_sums.items()})
-            if is_main:
-                row.update(task.epoch_end(eval_model(), epoch + 1, out) or {})
-                model.train()
-            st["history"].append(row)
-            show(summary_line(shown_epoch, train_metrics, val, epoch_seconds))
-            if writer is not None:
-                for k, v in row.items():
-                    if k not in ("epoch", "step") and isinstance(v, (int, float)):
-                        writer.add_scalar(f"epoch/{k}", v, epoch + 1)
-            if partial:
-                st.update({"sums": {k: v.item() for k, v in sums.items()}, "grad_sums": grad_sums, "epoch_seconds": epoch_seconds})
-            else:
-                st.update({"epoch": epoch + 1, "batch": 0, "sums": {}, "grad_sums": {}, "epoch_seconds": 0.0})
-            if is_main:
-                write_history(out, st["history"])
-                save_weights(out, eval_model(), cfg)
-            save_checkpoint(finished_epoch=not partial)
-            if reached_max:
-                break
-
-        final: dict[str, Any] = {}
-        # DDP keeps replicas identical by construction; check it (bit-exact digest, all-gathered).
-        in_sync = D.params_in_sync(model, info, device) if info.enabled else None
-        if is_main:
-            final = task.final_metrics(eval_model(), out, st["history"]) or {}
-            text = final.pop("report_text", None)
-            last = st["history"][-1] if st["history"] else {}
-            metrics = {k: v for k, v in last.items() if k.startswith("val_")}
-            metrics.update(final)
-            metrics.update({
-                "train_seconds": st["train_seconds"],
-                "wall_seconds": time.perf_counter() - wall_start,
-                "epochs": st["epoch"],
-                "steps": st["step"],
-                "parameters": n_params,
-                "world_size": info.world_size,
-                "global_batch_size": tcfg.batch_size,
-                "precision": precision,
-                "skipped_steps": st["skipped_steps"],
-            })
-            if in_sync is not None:
-                metrics["ranks_in_sync"] = in_sync
-                if not in_sync:
-                    print(f"duboko: warning: the {info.world_size} ranks ended with different weights", file=sys.stderr)
-            atomic_write_json(out / METRICS, metrics)
-            write_manifest(out)
-            if text:
-                show("\n" + text)
-            show(f"Run folder: {out}  (train {st['train_seconds']:.1f}s, wall {metrics['wall_seconds']:.1f}s)")
-            final = metrics
-        if writer is not None:
-            writer.close()
-        D.barrier(info)
-        return final
-    finally:
-        D.shutdown(info)
+    return Trainer(cfg, out_dir, resume=resume, overwrite=overwrite, quiet=quiet, stream=stream, progress=progress).fit()

@@ -50,8 +50,10 @@ def save_weights(run_dir: Path, model: nn.Module, cfg: C.RunConfig) -> None:
     save_tensors(model.state_dict(), run_dir / WEIGHTS, metadata=meta)
 
 
-def write_manifest(run_dir: Path) -> None:
-    files = {name: sha256_file(run_dir / name) for name in CHECKED if (run_dir / name).exists()}
+def write_manifest(run_dir: Path, assets: list[str] | tuple[str, ...] = ()) -> None:
+    """SHA-256 of the run's core files and of the task's assets (tokenizers, scalers)."""
+    names = list(CHECKED) + [a for a in assets if a not in CHECKED]
+    files = {name: sha256_file(run_dir / name) for name in names if (run_dir / name).exists()}
     atomic_write_json(run_dir / MANIFEST, {"sha256": files})
 
 
@@ -90,9 +92,9 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     except RuntimeError as exc:
         raise DubokoError(f"unknown device {name!r}; expected auto, cpu, cuda, cuda:N or mps") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise DubokoError(f"device {name!r} asked for but no CUDA GPU is available; use --device cpu or auto")
+        raise DubokoError(f"device {name!r} asked for but no CUDA GPU is available; set train.device to cpu or auto")
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise DubokoError(f"device {name!r} asked for but MPS is not available; use --device cpu or auto")
+        raise DubokoError(f"device {name!r} asked for but MPS is not available; set train.device to cpu or auto")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
     return device
@@ -107,24 +109,28 @@ class LoadedRun:
     run_dir: Path
 
 
-def load_config(run_dir: str | Path) -> C.RunConfig:
+def load_config(run_dir: str | Path, overrides: list[str] | None = None, data_dir: str | None = None) -> C.RunConfig:
+    """A run folder's config, through the one `config.resolve` (renamed keys upgraded)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DubokoError(f"run folder {str(run_dir)!r} does not exist")
-    return C.from_dict(read_json(run_dir / CONFIG))
+    if not (run_dir / CONFIG).is_file():
+        raise DubokoError(f"{str(run_dir)!r} is not a run folder: it has no {CONFIG}")
+    return C.resolve(Path(run_dir), overrides, data_dir=data_dir)
 
 
-def load_run(run_dir: str | Path, device: str = "auto", setup_task: bool = True, verify: bool = True) -> LoadedRun:
-    """Load a run folder for evaluation or inference: verified, safetensors only, never pickle."""
+def load_run(run_dir: str | Path, device: str = "auto", setup_task: bool = True, verify: bool = True,
+             data_dir: str | None = None) -> LoadedRun:
+    """Load a run folder for evaluation or inference: verified, safetensors only, never pickle.
+    `data_dir` points the task at a moved data folder."""
     from duboko import registry
-    from duboko.tasks import get_task_cls
 
     run_dir = Path(run_dir)
-    cfg = load_config(run_dir)
+    cfg = load_config(run_dir, data_dir=data_dir)
     if verify:
         verify_manifest(run_dir)
     dev = pick_device(device)
-    task = get_task_cls(cfg.task)(cfg, dev)
+    task = registry.get_task(cfg.task)(cfg, dev)
     if setup_task:
         task.setup(run_dir)
     model_cfg = dict(cfg.model)
@@ -136,3 +142,13 @@ def load_run(run_dir: str | Path, device: str = "auto", setup_task: bool = True,
         raise DubokoError(f"{run_dir / WEIGHTS} does not fit model {cfg.model['name']!r}: {str(exc).splitlines()[0]}") from exc
     model.to(dev).eval()
     return LoadedRun(cfg, task, model, dev, run_dir)
+
+
+def evaluate_run(loaded: LoadedRun, write_files: bool = True) -> tuple[dict[str, Any], str]:
+    """`duboko eval`: the validation metrics (val_*) and the task's final metrics of a loaded
+    run, and its text report; the task's pictures go into the run folder when `write_files`."""
+    val = {f"val_{k}": v for k, v in loaded.task.evaluate(loaded.model, "val").items()}
+    history = read_history(loaded.run_dir)
+    evaluation = loaded.task.final_metrics(loaded.model, loaded.run_dir if write_files else None, history)
+    metrics = {"run": str(loaded.run_dir), "recipe": loaded.config.recipe, **val, **evaluation.metrics}
+    return metrics, evaluation.report
