@@ -9,6 +9,9 @@ import torch
 
 torch.set_num_threads(1)
 os.environ.setdefault("MPLBACKEND", "Agg")
+# The CLI's top-level guard re-raises unexpected exceptions (see duboko.cli.main): a bug fails
+# its test with a traceback instead of passing as a one-line error with exit 2.
+os.environ.setdefault("DUBOKO_DEBUG", "1")
 
 # A MY_NET small enough to train in seconds: 16×16 inputs make fc1 128·4·4 → 512.
 TINY_CNN = [

@@ -27,7 +27,6 @@ def test_overrides_bare_and_dotted_and_typed():
         ("foo=1", "unknown key 'foo'; valid keys: .*train.epochs"),
         ("epochs=many", "train.epochs expects an integer, got 'many'"),
         ("train.lr=-1", "train.lr must be > 0"),
-        ("image_size=32", "several sections"),
         ("optimizer=adamax", "unknown train.optimizer 'adamax'; expected one of: adam, adamw, rmsprop, sgd"),
         ("nosuch.x=1", "unknown section"),
         ("epochs", "expects key=value"),
@@ -64,3 +63,31 @@ def test_bad_data_values_are_refused_before_training(tmp_path, override, capsys)
     assert main(["train", "mnist-cnn", "--set", override, "--out", str(tmp_path / "run")]) == 2
     assert "data." in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_bare_key_shared_by_data_and_model_sets_both():
+    cfg = C.resolve("mnist-cnn", ["image_size=32"])
+    assert cfg.data.image_size == cfg.model["image_size"] == 32
+
+
+def test_a_bare_key_in_several_sections_must_be_dotted(tmp_path):
+    """A key two sections have (and the task does not share) is ambiguous without its section."""
+    from dataclasses import dataclass
+
+    from duboko.registry import register_task
+    from duboko.tasks import Task
+
+    @dataclass
+    class DropoutData:
+        dropout: float = 0.0  # the same name as the model's field
+
+    @register_task
+    class AmbiguousTask(Task):
+        name = "test-ambiguous-keys"
+        data_config = DropoutData
+
+    recipe = tmp_path / "amb.toml"
+    recipe.write_text('task = "test-ambiguous-keys"\n[model]\nname = "my_net"\n')
+    with pytest.raises(DubokoError, match="key 'dropout' is in several sections; write one of: model.dropout, data.dropout"):
+        C.resolve(str(recipe), ["dropout=0.1"])
+    assert C.resolve(str(recipe), ["data.dropout=0.1"]).data.dropout == 0.1

@@ -69,3 +69,54 @@ def test_eval_transform_is_resize_and_normalise():
     x = T.eval_transform(imgs, size=48, channels=1, mean=0.5, std=0.25)
     ref = (F.interpolate(imgs.unsqueeze(1).float() / 255, size=(48, 48), mode="bilinear", align_corners=False) - 0.5) / 0.25
     torch.testing.assert_close(x, ref)
+
+
+# -- crop / shift / flip for folders and Fashion-MNIST (transforms.augment) -------------------
+
+
+def test_augment_without_crop_shift_flip_is_the_eval_transform():
+    x = _images()
+    plain = T.augment(x, size=28, channels=1, mean=0.5, std=0.5)
+    assert torch.equal(plain, T.eval_transform(x, size=28, channels=1, mean=0.5, std=0.5))
+    assert torch.equal(T.eval_transform_any(x, size=40, channels=3, mean=0.2, std=0.3),
+                       T.eval_transform(x, size=40, channels=3, mean=0.2, std=0.3))
+
+
+def test_hflip_mirrors_about_half_of_the_images_exactly():
+    x = _images(64)
+    out = T.random_crop_flip_rotate(x, 28, hflip=True, generator=torch.Generator().manual_seed(3))
+    ref = x.unsqueeze(1).float() / 255
+    same = [(o - r).abs().max().item() < 1e-5 for o, r in zip(out, ref)]
+    mirrored = [(o - r.flip(-1)).abs().max().item() < 1e-5 for o, r in zip(out, ref)]
+    assert all(s or m for s, m in zip(same, mirrored))
+    assert 16 < sum(mirrored) < 48  # p = 1/2 per image
+
+
+def test_translate_shifts_by_whole_pixels_within_the_bound():
+    # A single bright pixel moves by at most ±translate·side in each direction.
+    x = torch.zeros(32, 28, 28, dtype=torch.uint8)
+    x[:, 14, 14] = 255
+    out = T.random_crop_flip_rotate(x, 28, translate=0.1, generator=torch.Generator().manual_seed(0))
+    ys, xs = [], []
+    for o in out[:, 0]:
+        weight = o.sum()
+        assert weight > 0.5  # the pixel stays inside (a bilinear spread of one pixel's mass)
+        ys.append(float((o.sum(1) * torch.arange(28)).sum() / weight))
+        xs.append(float((o.sum(0) * torch.arange(28)).sum() / weight))
+    assert max(abs(v - 14) for v in ys + xs) <= 0.1 * 28 + 1e-4
+    assert len({round(v, 3) for v in xs}) > 10  # really random
+
+
+def test_random_resized_crop_zooms_in_and_keeps_channels():
+    # An RGB folder batch (B, C, H, W): channels kept; a crop of area s shows a window of ~sqrt(s) of the side.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (16, 3, 32, 32), generator=g, dtype=torch.uint8)
+    out = T.augment(x, size=32, channels=3, mean=0.5, std=0.5, crop_scale=0.25, generator=torch.Generator().manual_seed(1))
+    assert out.shape == (16, 3, 32, 32) and out.min() >= -1 - 1e-5 and out.max() <= 1 + 1e-5
+    again = T.augment(x, size=32, channels=3, mean=0.5, std=0.5, crop_scale=0.25, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(out, again)
+    # A horizontal ramp: a crop spans a narrower range of values than the whole image (zoom).
+    ramp = torch.arange(64, dtype=torch.float32).mul(4).to(torch.uint8).expand(8, 64, 64).contiguous()
+    crop = T.random_crop_flip_rotate(ramp, 64, crop_scale=0.25, generator=torch.Generator().manual_seed(2))
+    spans = crop[:, 0, 32].amax(-1) - crop[:, 0, 32].amin(-1)
+    assert (spans < 0.95).all() and (spans > 0.3).all()

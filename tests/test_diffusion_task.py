@@ -62,7 +62,7 @@ def test_prompt_dropout_and_conditions():
     task.setup()
     none = task.make_condition(labels, torch.Generator().manual_seed(0), drop=1.0)
     assert (none == 10).all()
-    with pytest.raises(DubokoError, match="use --label, not --prompt"):
+    with pytest.raises(DubokoError, match="label-conditioned .* give labels, not prompts"):
         task.condition_for(prompts=["a seven"])
 
 

@@ -34,8 +34,8 @@ CORE = frozenset({"errors", "registry", "config", "io", "precision", "seeding", 
 
 # The documented order, bottom to top.
 # (`python -m duboko`, __main__, only starts the CLI: it sits on top of it.)
-ORDER = [CORE, {"nn"}, {"models"}, {"diffusion"}, {"data"}, {"evaluate"}, {"tasks"}, {"train"}, {"bench"},
-         {"cli"}, {"__main__"}]
+ORDER = [CORE, {"nn"}, {"models"}, {"diffusion"}, {"data"}, {"evaluate"}, {"tasks"}, {"train"}, {"export"}, {"bench"},
+         {"api"}, {"cli"}, {"__main__"}]
 
 # What each package (or top-level module of the bottom layer) may import, besides itself.
 ALLOWED: dict[str, frozenset[str]] = {
@@ -47,13 +47,17 @@ ALLOWED: dict[str, frozenset[str]] = {
     "evaluate": CORE | {"nn", "models", "diffusion", "data"},
     "tasks": CORE | {"nn", "models", "diffusion", "data", "evaluate"},
     "train": CORE | {"nn", "models", "diffusion", "data", "evaluate", "tasks"},
-    "bench": CORE | {"nn", "models", "diffusion", "data", "evaluate", "tasks", "train"},
-    "cli": CORE | {"nn", "models", "diffusion", "data", "evaluate", "tasks", "train", "bench"},
+    "export": CORE | {"nn", "models", "diffusion", "data", "evaluate", "tasks", "train"},  # ONNX, int8, HF GPT-2
+    "bench": CORE | {"nn", "models", "diffusion", "data", "evaluate", "tasks", "train", "export"},
+    "api": CORE | {"nn", "models", "diffusion", "data", "evaluate", "tasks", "train", "export", "bench"},  # import duboko
+    "cli": CORE | {"nn", "models", "diffusion", "data", "evaluate", "tasks", "train", "export", "bench", "api"},
     "__main__": CORE | {"cli"},
 }
 
 # Upward imports allowed only inside a function body: (importing package, imported package).
-LAZY_DISCOVERY = frozenset({("registry", "models"), ("registry", "tasks")})
+# The package's __init__ exposes duboko.api lazily (PEP 562 module __getattr__), so that
+# `import duboko` stays light.
+LAZY_DISCOVERY = frozenset({("registry", "models"), ("registry", "tasks"), ("__init__", "api")})
 
 _DOTTED = re.compile(r"duboko(\.[A-Za-z_]\w*)+\.?")
 _IMPORT_FUNCTIONS = {"import_module", "__import__"}

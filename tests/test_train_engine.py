@@ -24,7 +24,7 @@ def test_tiny_cnn_learns_and_writes_the_run_folder(tmp_path, tiny_cnn_overrides)
     # 512 training images, 3 epochs: a real gain over the 10% of chance.
     assert metrics["test_accuracy"] > 0.6, metrics["test_accuracy"]
     for name in ("config.json", "metrics.json", "history.csv", "model.safetensors", "state.safetensors",
-                 "manifest.json", "report.txt", "confusion_matrix.png", "curves.png"):
+                 "manifest.json", "report.txt", "confusion_matrix.png", "curves.png", "report.html", "MODEL_CARD.md"):
         assert (out / name).exists(), name
     saved = json.loads((out / "metrics.json").read_text())
     for key in ("test_accuracy", "test_loss", "train_seconds", "epochs"):

@@ -148,5 +148,5 @@ def test_guidance_combines_conditional_and_unconditional_outputs():
 
 def test_guidance_without_condition_is_a_user_error():
     model = UNet(UNetConfig(**SMALL)).eval()
-    with pytest.raises(DubokoError, match="guidance needs a condition"):
+    with pytest.raises(DubokoError, match="guidance != 1 needs a condition"):
         sample(model, DDIMScheduler(), 1, guidance=3.0, num_steps=2)

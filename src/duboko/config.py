@@ -59,6 +59,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # also save training state every N steps (0: at epoch ends only)
     nonfinite: str = "stop"  # stop | skip: what to do on a NaN/inf loss
     eval_every: int = 1  # validation pass every N epochs
+    report: bool = True  # write report.html and MODEL_CARD.md into the run folder at the end
 
 
 @dataclass
@@ -256,9 +257,10 @@ def _section_keys(raw: dict[str, Any], task_cls: type) -> dict[str, set[str]]:
     }
 
 
-def _override_target(key: str, keys: dict[str, set[str]], task_cls: type) -> tuple[str, str]:
-    """The (section, field) an override key names: dotted, or bare when one section has it."""
-    derived = task_cls.derived_model_fields
+def _override_targets(key: str, keys: dict[str, set[str]], task_cls: type, data: dict[str, Any]) -> list[tuple[str, str]]:
+    """The (section, field) pairs an override key names: dotted, or bare when one section has it
+    (or several, for a field the task shares between them, like image_size)."""
+    derived = task_cls.derived_fields(data)
     if "." in key:
         section, sub = key.split(".", 1)
         if section not in SECTIONS:
@@ -268,6 +270,8 @@ def _override_target(key: str, keys: dict[str, set[str]], task_cls: type) -> tup
         owners = [s for s in SECTIONS if key in keys[s] and not (s == "model" and key in derived)]
         if not owners and key in derived:
             owners = ["model"]
+        if len(owners) > 1 and key in task_cls.shared_fields:
+            return [(s, key) for s in owners]
         if not owners:
             valid = sorted(f"{s}.{k}" for s in SECTIONS for k in keys[s] if not (s == "model" and k in derived))
             raise DubokoError(f"unknown key {key!r}; valid keys: {', '.join(valid)}")
@@ -283,7 +287,7 @@ def _override_target(key: str, keys: dict[str, set[str]], task_cls: type) -> tup
     if sub not in keys[section]:
         valid = sorted(k for k in keys[section] if not (section == "model" and k in derived))
         raise DubokoError(f"unknown key {key!r}; valid keys in [{section}]: {', '.join(valid)}")
-    return section, sub
+    return [(section, sub)]
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[tuple[str, Any]], task_cls: type) -> dict[str, Any]:
@@ -293,11 +297,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[tuple[str, Any]], task_
         raw.setdefault(s, {})
     for key, value in overrides:
         keys = _section_keys(raw, task_cls)  # model.name may change the model's keys
-        section, sub = _override_target(key, keys, task_cls)
-        if section == "model" and sub == "name" and value != raw["model"].get("name"):
-            raw["model"] = {"name": value}  # another model: its own defaults, not the old fields
-        else:
-            raw[section][sub] = value
+        for section, sub in _override_targets(key, keys, task_cls, raw["data"]):
+            if section == "model" and sub == "name" and value != raw["model"].get("name"):
+                raw["model"] = {"name": value}  # another model: its own defaults, not the old fields
+            else:
+                raw[section][sub] = value
     return raw
 
 
@@ -353,12 +357,12 @@ def resolve(
     if data_dir is not None:
         pairs.insert(0, (_data_dir_key(task_cls), data_dir))
     if is_recipe:
-        derived = sorted(set(raw.get("model", {})) & set(task_cls.derived_model_fields))
+        fields = task_cls.derived_fields(dict(raw.get("data", {})))
+        derived = sorted(set(raw.get("model", {})) & set(fields))
         if derived:
             key = derived[0]
             raise DubokoError(
-                f"recipe {name!r} sets model.{key}, which task {task_name!r} derives from "
-                f"{task_cls.derived_model_fields[key]}; set that instead"
+                f"recipe {name!r} sets model.{key}, which task {task_name!r} derives from {fields[key]}; set that instead"
             )
     cfg = _build(raw, name, pairs, task_cls)
     if resume and pairs:

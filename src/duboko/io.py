@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -59,14 +61,68 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def read_json(path: str | os.PathLike) -> Any:
+# Run folders' JSON files (config, metrics, manifest, tokenizers) are far below this; a bigger
+# file is not one of ours, and reading it whole could exhaust memory (`/dev/zero` never ends).
+MAX_JSON_BYTES = 64 * 2**20
+MAX_CSV_BYTES = 64 * 2**20  # history.csv: one short row per epoch
+MAX_TENSOR_BYTES = 64 * 2**30  # weights: the largest model duboko imports is far below
+
+
+def read_regular_file(path: str | os.PathLike, max_bytes: int, label: str = "") -> bytes:
+    """The bytes of a regular file of at most `max_bytes`: a folder, a FIFO, a device
+    (`/dev/zero`) or a bigger file is one DubokoError, never a hang or a MemoryError. The file is
+    opened non-blocking (a FIFO without a writer would block `open`) and checked with fstat on
+    the open descriptor, so a swap between the check and the read changes nothing."""
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError as exc:
-        raise DubokoError(f"{path} does not exist") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DubokoError(f"{label}{path} does not exist") from exc
+    except IsADirectoryError as exc:
+        raise DubokoError(f"{label}{path} is a folder, expected a file") from exc
+    except OSError as exc:
+        raise DubokoError(f"cannot read {label}{path}: {exc.strerror or exc}") from exc
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise DubokoError(f"{label}{path} is a folder, expected a file")
+        if not stat.S_ISREG(info.st_mode):
+            raise DubokoError(f"{label}{path} is not a regular file (a device, FIFO or socket); expected a file")
+        if info.st_size > max_bytes:
+            raise DubokoError(f"{label}{path} is {info.st_size:,} bytes; expected at most {max_bytes:,}")
+        chunks, size = [], 0
+        while chunk := os.read(fd, 1 << 20):
+            size += len(chunk)
+            if size > max_bytes:  # grew while being read
+                raise DubokoError(f"{label}{path} is over {max_bytes:,} bytes; expected at most {max_bytes:,}")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise DubokoError(f"cannot read {label}{path}: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+
+
+def parse_json(text: str | bytes, where: str) -> Any:
+    """`json.loads` with its failures as one DubokoError naming `where`; a deeply nested
+    document (200,000 `[`) raises RecursionError inside the C scanner, caught here too."""
+    try:
+        return json.loads(text)
+    except RecursionError as exc:
+        raise DubokoError(f"{where} is nested too deeply to be duboko's JSON") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
+        raise DubokoError(f"{where} is not readable JSON: {exc}") from exc
+
+
+def read_json(path: str | os.PathLike, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """A JSON file, bounded: regular files of at most `max_bytes` only (see `read_regular_file`)."""
+    path = Path(path)
+    data = read_regular_file(path, max_bytes)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise DubokoError(f"{path} is not readable JSON: {exc}") from exc
+    return parse_json(text, str(path))
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
@@ -86,17 +142,19 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, meta
 
 
 def read_file_bytes(path: str | os.PathLike, label: str = "") -> bytes:
-    """A file's bytes; a missing file, a folder or an unreadable file is one clear DubokoError
-    (`label`, e.g. "text file ", prefixes the path in the message)."""
-    path = Path(path)
-    try:
-        return path.read_bytes()
-    except FileNotFoundError as exc:
-        raise DubokoError(f"{label}{path} does not exist") from exc
-    except IsADirectoryError as exc:
-        raise DubokoError(f"{label}{path} is a folder, expected a file") from exc
-    except OSError as exc:
-        raise DubokoError(f"cannot read {label}{path}: {exc.strerror or exc}") from exc
+    """A regular file's bytes (data sets, corpora, weights: up to MAX_TENSOR_BYTES); a missing
+    file, a folder, a FIFO or an unreadable file is one clear DubokoError (`label`, e.g.
+    "text file ", prefixes the path in the message)."""
+    return read_regular_file(path, MAX_TENSOR_BYTES, label)
+
+
+def looks_like_pickle(head: bytes) -> bool:
+    """True for the start of a pickle (protocol 2+: 0x80) or a torch.save zip ("PK"). A
+    safetensors file starts with its header length (8 bytes, little-endian) and then "{": its
+    first byte is 0x80 whenever that length is 128 mod 256, so "{" at offset 8 rules it out."""
+    if head[8:9] == b"{":
+        return False
+    return head[:1] == b"\x80" or head[:2] == b"PK"
 
 
 def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -105,8 +163,8 @@ def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     from safetensors.torch import load
 
     path = Path(path)
-    data = read_file_bytes(path)
-    if data[:2] == b"\x80\x02" or data[:1] == b"\x80" or data[:2] == b"PK":
+    data = read_regular_file(path, MAX_TENSOR_BYTES)  # a FIFO or device named *.safetensors: one line
+    if looks_like_pickle(data):
         raise DubokoError(
             f"{path} looks like a pickle or a torch.save zip, which duboko never loads (it can run "
             "code); convert it to safetensors with `duboko import-weights` first"
@@ -132,8 +190,14 @@ def read_csv_rows(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         return []
-    with open(path, newline="", encoding="utf-8") as f:
-        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    try:
+        text = read_regular_file(path, MAX_CSV_BYTES).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DubokoError(f"{path} is not UTF-8 CSV: {exc}") from exc
+    try:
+        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(io.StringIO(text, newline=""))]
+    except csv.Error as exc:
+        raise DubokoError(f"{path} is not readable CSV: {exc}") from exc
 
 
 def _number(text: str) -> Any:

@@ -143,10 +143,9 @@ def make_config(name: str, overrides: dict[str, Any] | None = None) -> Any:
         raise DubokoError(
             f"model {name!r} has no field {bad[0]!r}; valid fields: {', '.join(sorted(known))}"
         )
-    try:
-        return spec.config_cls(**values)
-    except (TypeError, ValueError) as exc:
-        raise DubokoError(f"bad config for model {name!r}: {exc}") from exc
+    from duboko.config import build_dataclass  # the same typed coercion as a recipe's [model]
+
+    return build_dataclass(spec.config_cls, values, "model")
 
 
 def create_model(name: str, **overrides: Any) -> nn.Module:

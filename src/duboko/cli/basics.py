@@ -99,6 +99,17 @@ def _check_model_config(name: str, overrides: dict[str, Any]) -> None:
     from duboko import registry
 
     registry.make_config(name, overrides)  # unknown fields fail with the list of valid ones
+    check_model_set_types(name, overrides)
+
+
+def check_model_set_types(name: str, overrides: dict[str, Any]) -> None:
+    """`--set` values of a model config through config's type check (the one recipes get), so
+    `--set image_size=abc` is one line naming model.image_size, not a TypeError deep in a layer."""
+    from duboko import config as C
+    from duboko import registry
+
+    spec = registry.get_spec(name)
+    C.build_dataclass(spec.config_cls, {**spec.defaults, **overrides}, "model")
 
 
 def cmd_summary(args) -> int:

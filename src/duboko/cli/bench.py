@@ -85,6 +85,43 @@ def register(sub) -> None:
             f.add_argument("--ddim-steps", type=int, default=50, help="DDIM steps (default 50)")
         f.set_defaults(func=cmd_family, family=family)
 
+    i = bsub.add_parser("inference", help="eager fp32 vs ONNX Runtime fp32 vs int8: latency, throughput, accuracy",
+                        description="Inference of a trained run: batch-1 latency (median, p95) and batch-64 "
+                        "throughput for eager PyTorch fp32, ONNX Runtime fp32 and ONNX Runtime int8 (dynamic "
+                        "quantisation), with the test accuracy of each for image classifiers.",
+                        epilog="examples:\n  duboko bench inference runs/cnn\n  duboko bench inference runs/gpt --json",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    i.add_argument("run", help="run folder written by `duboko train`")
+    i.add_argument("--repeats", type=int, default=50, help="timed batch-1 calls per engine (default 50)")
+    i.add_argument("--warmup", type=int, default=5, help="untimed calls first (default 5)")
+    i.add_argument("--limit-test", type=int, default=0, help="test accuracy on the first N test images (0: all)")
+    i.add_argument("--json", action="store_true", help="print the full JSON record instead of the table")
+    i.add_argument("--out", metavar="FILE", help="also write the JSON record to FILE (atomically)")
+    i.set_defaults(func=cmd_inference)
+
+    i = bsub.add_parser("images", help="image folders: cache build images/s, training from the cache vs MNIST",
+                        description="Decoding throughput of the image-folder cache build (and a second, cached load), "
+                        "then training images/s of MY_NET fed from the folder cache vs from MNIST's in-memory "
+                        "tensors, same size, channels, batch and precision.",
+                        epilog="examples:\n  duboko bench images --json\n  duboko bench images --data-dir ~/pics "
+                        "--image-size 64 --channels 3", formatter_class=argparse.RawDescriptionHelpFormatter)
+    i.add_argument("--data-dir", help="your image folder (default: MNIST test digits written as PNG to a temporary folder)")
+    i.add_argument("--images", type=int, default=2000, help="digits written when there is no --data-dir (default 2000)")
+    i.add_argument("--image-size", type=int, default=64, help="decode and train size (default 64)")
+    i.add_argument("--channels", type=int, default=3, help="1 or 3 (default 3)")
+    i.add_argument("--batch-size", type=int, default=64, help="training batch (default 64)")
+    i.add_argument("--workers", type=int, help="decoding threads (default: up to 4, one per core)")
+    i.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of both recipes (repeatable)")
+    i.add_argument("--windows", type=int, default=3, help="timed windows per side (default 3)")
+    i.add_argument("--window", type=int, default=5, help="steps per window (default 5)")
+    i.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    i.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    i.add_argument("--json", action="store_true", help="print the full JSON record instead of the table")
+    i.add_argument("--out", metavar="FILE", help="also write the JSON record to FILE (atomically)")
+    i.add_argument("--no-progress", action="store_true", help="no progress bar")
+    i.set_defaults(func=cmd_images)
+
 
 def _emit(args, result: dict, text: str) -> None:
     if args.out:
@@ -143,4 +180,32 @@ def cmd_family(args) -> int:
 
         atomic_write_json(args.out, result)
     print(json.dumps(result, indent=2) if args.json else recipes.format_report(result))
+    return 0
+
+
+def cmd_images(args) -> int:
+    from duboko.bench import images
+
+    result = images.run_images(
+        data_dir=args.data_dir, num_images=args.images, image_size=args.image_size, channels=args.channels,
+        batch_size=args.batch_size, overrides=args.overrides, windows=args.windows, window=args.window,
+        warmup=args.warmup, workers=args.workers, device=args.device,
+        progress=not args.no_progress and sys.stderr.isatty())
+    if args.out:
+        from duboko.io import atomic_write_json
+
+        atomic_write_json(args.out, result)
+    print(json.dumps(result, indent=2) if args.json else images.format_report(result))
+    return 0
+
+
+def cmd_inference(args) -> int:
+    from duboko.bench import inference
+
+    result = inference.run_inference_bench(args.run, repeats=args.repeats, warmup=args.warmup, limit_test=args.limit_test)
+    if args.out:
+        from duboko.io import atomic_write_json
+
+        atomic_write_json(args.out, result)
+    print(json.dumps(result, indent=2) if args.json else inference.format_report(result))
     return 0

@@ -51,6 +51,9 @@ def register(sub) -> None:
     p.add_argument("--top", type=int, default=3, help="how many classes to show per image (default 3)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--device", default="auto")
+    p.add_argument("--engine", choices=["torch", "onnxruntime"], default="torch",
+                   help="torch (the run's weights) | onnxruntime (the exported graph, same preprocessing)")
+    p.add_argument("--onnx", metavar="FILE", help="with --engine onnxruntime: the exported file (default RUN/model.onnx)")
     p.set_defaults(func=cmd_predict)
 
 
@@ -76,19 +79,12 @@ def cmd_models(args) -> int:
     return 0
 
 
-def _default_out(recipe: str) -> Path:
-    base = Path("runs") / Path(recipe).stem
-    out, n = base, 2
-    while (out / "config.json").exists():
-        out, n = Path(f"{base}-{n}"), n + 1
-    return out
-
-
 def cmd_train(args) -> int:
     from duboko import config as C
     from duboko.errors import DubokoError
+    from duboko.api import default_run_dir
     from duboko.train.engine import fit
-    from duboko.train.run import CONFIG
+    from duboko.train.run import CONFIG, verify_resumable
 
     overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device else [])
     if args.resume:
@@ -97,12 +93,13 @@ def cmd_train(args) -> int:
         out = Path(args.resume)
         if not (out / CONFIG).is_file():
             raise DubokoError(f"cannot resume: {out / CONFIG} does not exist")
+        verify_resumable(out)  # before config.json is parsed
         cfg = C.resolve(out, overrides, data_dir=args.data_dir, resume=True)
     else:
         if not args.recipe:
             raise DubokoError("name a recipe (see `duboko recipes`) or pass --resume RUN")
         cfg = C.resolve(args.recipe, overrides, data_dir=args.data_dir)
-        out = Path(args.out) if args.out else _default_out(cfg.recipe)
+        out = Path(args.out) if args.out else default_run_dir(cfg.recipe)
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
@@ -135,7 +132,12 @@ def cmd_predict(args) -> int:
     loaded = load_run(args.run, args.device, setup_task=False)
     if not hasattr(loaded.task, "predict_files"):
         raise DubokoError(f"run {args.run!r} is a {loaded.config.task} run; `predict` needs an image-classification run")
-    results = loaded.task.predict_files(loaded.model, args.images, args.top)
+    if args.engine == "onnxruntime":
+        from duboko.export.onnx import predict_files_onnx
+
+        results = predict_files_onnx(loaded, args.onnx, args.images, args.top)
+    else:
+        results = loaded.task.predict_files(loaded.model, args.images, args.top)
     if args.json:
         print(json.dumps({"run": args.run, "predictions": results}))
         return 0

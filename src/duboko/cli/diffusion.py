@@ -103,6 +103,34 @@ def _conditions(task, label: int | None, prompt: str | None, n: int) -> dict:
     return cond
 
 
+# Bounds of the sampling flags (the message gives the allowed range): the DDPM reverse process
+# has at most the training schedule's 1000 steps (Ho et al. 2020); DDIM's eta interpolates
+# between deterministic (0) and DDPM-like (1) sampling (Song et al. 2021, eq. 16).
+MAX_SAMPLES = 10_000
+MAX_STEPS = 1000
+MAX_GUIDANCE = 100.0
+
+
+def check_sampling_flags(args) -> None:
+    """Refuse out-of-range sampling flags before any run is loaded; `not (a <= x <= b)` so that
+    NaN (which fails every comparison) is refused too."""
+    from duboko.errors import DubokoError
+
+    n = getattr(args, "n", None)
+    if n is not None and not 1 <= n <= MAX_SAMPLES:
+        raise DubokoError(f"--n must be in 1..{MAX_SAMPLES:,}, got {n}")
+    if args.steps is not None and not 1 <= args.steps <= MAX_STEPS:
+        raise DubokoError(f"--steps must be in 1..{MAX_STEPS}, got {args.steps}")
+    eta = getattr(args, "eta", None)
+    if eta is not None and not 0.0 <= eta <= 1.0:
+        raise DubokoError(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta}")
+    if args.guidance is not None and not 0.0 <= args.guidance <= MAX_GUIDANCE:
+        raise DubokoError(f"--guidance must be in [0, {MAX_GUIDANCE:g}] (1: no guidance), got {args.guidance}")
+    nrow = getattr(args, "nrow", None)
+    if nrow is not None and not 0 <= nrow <= MAX_SAMPLES:
+        raise DubokoError(f"--nrow must be in 0..{MAX_SAMPLES:,} (0: automatic), got {nrow}")
+
+
 def _steps(args, task) -> int | None:
     if args.steps is not None:
         return args.steps
@@ -118,8 +146,10 @@ def cmd_sample(args) -> int:
     from duboko.evaluate.plots import save_grid
     from duboko.train.verify import load_run_of
 
-    if args.n < 1:
-        raise DubokoError(f"--n must be >= 1, got {args.n}")
+    from duboko.evaluate.plots import check_png_output
+
+    check_sampling_flags(args)
+    check_png_output(args.out)  # before minutes of sampling, not after
     loaded = load_run_of(args.run, DIFFUSION, args.device)
     task, model = loaded.task, loaded.model
     steps = _steps(args, task)
@@ -188,8 +218,12 @@ def cmd_trajectory(args) -> int:
     from duboko.evaluate.diffusion import plot_trajectory
     from duboko.train.verify import load_run_of
 
-    if args.frames < 2:
-        raise DubokoError(f"--frames must be >= 2, got {args.frames}")
+    if not 2 <= args.frames <= 100:
+        raise DubokoError(f"--frames must be in 2..100, got {args.frames}")
+    from duboko.evaluate.plots import check_png_output
+
+    check_sampling_flags(args)
+    check_png_output(args.out)  # before minutes of sampling, not after
     loaded = load_run_of(args.run, DIFFUSION, args.device)
     task, model = loaded.task, loaded.model
     if task.conditioning != "none" and not (args.label is not None or args.prompt):

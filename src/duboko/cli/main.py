@@ -4,6 +4,12 @@ Each family's commands live in their own module under `duboko.cli` with a
 `register(subparsers)` function; this file only assembles them (every module of the package
 that has one: a new command module is one new file) and turns user errors (`DubokoError`) into
 one line on stderr and exit code 2.
+
+No user sees a traceback by default: one guard here turns any other exception (a bug) into one
+line naming its type, with a pointer to `--debug`, and exit 2. The exception is re-raised instead
+(so Python prints the traceback) when `--debug` is given or the environment sets DUBOKO_DEBUG=1:
+tests/conftest.py sets it, so that a test still fails on an unexpected exception instead of
+reading it as a user error.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         "MLPs, CNNs, RNNs, transformers and diffusion models.",
     )
     parser.add_argument("--version", action="version", version=f"duboko {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an unexpected error (also: DUBOKO_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in command_modules():
         module = importlib.import_module(name)
@@ -63,6 +71,25 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `duboko ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as exc:
+        if debug_mode(args):
+            raise
+        print(f"duboko: error: unexpected {type(exc).__name__}: {_first_line(exc)} "
+              "(a bug in duboko: re-run with --debug to see the traceback, and report it)", file=sys.stderr)
+        return 2
+
+
+DEBUG_ENV = "DUBOKO_DEBUG"
+
+
+def debug_mode(args: argparse.Namespace) -> bool:
+    """Re-raise unexpected exceptions: `--debug`, or DUBOKO_DEBUG set to anything but 0/empty."""
+    return bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:300] if lines else "(no message)"
 
 
 if __name__ == "__main__":

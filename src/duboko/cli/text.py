@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 from duboko.errors import DubokoError
+
+# Generation is one forward pass per token: a bound keeps a typo (10**9) from running forever.
+MAX_NEW_TOKENS = 100_000
 
 
 def register(sub) -> None:
@@ -75,16 +79,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from duboko.nn.sampling import TextStreamer, generate
     from duboko.train.verify import load_run_of
 
-    if args.max_new_tokens < 1:
-        raise DubokoError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise DubokoError(f"--temperature must be >= 0, got {args.temperature}")
+    # `not (a <= x)` rather than `x < a`: NaN fails every comparison and must be refused too.
+    if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:
+        raise DubokoError(f"--max-new-tokens must be in 1..{MAX_NEW_TOKENS:,}, got {args.max_new_tokens}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise DubokoError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise DubokoError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.top_k < 0:
         raise DubokoError(f"--top-k must be >= 0, got {args.top_k}")
-    if args.repetition_penalty <= 0:
-        raise DubokoError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
+    if not (math.isfinite(args.repetition_penalty) and args.repetition_penalty > 0):
+        raise DubokoError(f"--repetition-penalty must be a finite number > 0, got {args.repetition_penalty}")
     loaded = load_run_of(args.run, LANGUAGE_MODEL, args.device)
     tok = loaded.task.tokenizer
     prompt = args.prompt if args.prompt else "\n"
@@ -115,8 +120,8 @@ def cmd_next_word(args: argparse.Namespace) -> int:
 
     if args.top < 1:
         raise DubokoError(f"--top must be >= 1, got {args.top}")
-    if args.temperature <= 0:
-        raise DubokoError(f"--temperature must be > 0, got {args.temperature}")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise DubokoError(f"--temperature must be a finite number > 0, got {args.temperature}")
     loaded = load_run_of(args.run, LANGUAGE_MODEL, args.device)
     rows = next_token_table(loaded.model, loaded.task.tokenizer, args.text, args.top, args.temperature)
     if args.json:

@@ -57,7 +57,11 @@ def cmd_import_weights(args) -> int:
         raise DubokoError(f"--out must end in .safetensors, got {str(out)!r}")
     if out.exists() and not args.overwrite:
         raise DubokoError(f"{out} already exists; pass --overwrite to replace it")
-    imported = import_weights(src, out, args.model, dict(parse_overrides(args.overrides)), args.key)
+    from duboko.cli.basics import check_model_set_types
+
+    overrides = {k.removeprefix("model."): v for k, v in parse_overrides(args.overrides)}
+    check_model_set_types(args.model, overrides)
+    imported = import_weights(src, out, args.model, overrides, args.key)
     print(f"imported {imported.tensors} tensors ({imported.values:,} values) from {src} into {out} for model {args.model}")
     return 0
 

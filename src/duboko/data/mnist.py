@@ -63,7 +63,7 @@ def _find(folder: Path, stem: str) -> Path | None:
 def candidate_dirs(data_dir: str | os.PathLike | None) -> list[tuple[str, Path]]:
     dirs = []
     if data_dir:
-        dirs.append(("--data-dir", Path(data_dir)))
+        dirs.append(("data.data_dir", Path(data_dir)))
     if os.environ.get("DUBOKO_DATA"):
         dirs.append(("$DUBOKO_DATA", Path(os.environ["DUBOKO_DATA"]) / "mnist"))
         dirs.append(("$DUBOKO_DATA", Path(os.environ["DUBOKO_DATA"])))
@@ -108,7 +108,7 @@ def _download(folder: Path, tried: list[str]) -> Path:
         else:
             raise DubokoError(
                 "MNIST not found locally (looked in: " + "; ".join(tried or ["-"]) + ") and the download "
-                "failed (" + "; ".join(errors) + "). Pass --data-dir with the four IDX files."
+                "failed (" + "; ".join(errors) + "). Set data.data_dir (`--data-dir`) to a folder with the four IDX files."
             )
     return folder
 

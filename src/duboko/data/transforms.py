@@ -90,3 +90,104 @@ def train_transform(
 def eval_transform(images: torch.Tensor, *, size: int, channels: int, mean: float, std: float) -> torch.Tensor:
     """Test-time transform: resize + normalise only."""
     return normalize(resize(images, size), mean, std, channels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folders and Fashion-MNIST: random resized crop, shift, flip and rotation as ONE affine
+# resample per batch. The MNIST functions above are left exactly as they are (MNIST recipes stay
+# bit-identical); these are used when a recipe asks for a crop, shift or flip, and for folders,
+# whose cached rows already have C channels: (B, C, H, W) uint8.
+
+CROP_RATIO = (3 / 4, 4 / 3)  # aspect-ratio range of the random resized crop (Szegedy et al. 2015; torchvision's default)
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) or (B, C, H, W) uint8 -> (B, C, H, W) float in [0, 1] (C = 1 for 3-D input)."""
+    x = images.unsqueeze(1) if images.dim() == 3 else images
+    return x.float() / 255.0
+
+
+def random_crop_flip_rotate(
+    images: torch.Tensor,
+    size: int,
+    *,
+    crop_scale: float = 1.0,
+    translate: float = 0.0,
+    hflip: bool = False,
+    rotation: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """(B, H, W) or (B, C, H, W) uint8 -> (B, C, size, size) float in [0, 1].
+
+    Per image, in one bilinear `grid_sample`:
+    - random resized crop (Inception's augmentation, Szegedy et al. 2015): a window of area share
+      s ~ U(crop_scale, 1) and aspect ratio r ~ logU(3/4, 4/3), at a random place inside the image;
+    - shift by up to ±translate of the side in x and y (zeros come in, as RandomAffine fills);
+    - horizontal flip with probability 1/2 when `hflip`;
+    - rotation by U(-rotation, rotation) degrees.
+    The output pixel at normalised (u, v) samples the input at R·diag(w·f, h)·(u, v) + (cx, cy),
+    with w, h the window's half-extents (1 = whole image), f = ±1 the flip, (cx, cy) its centre."""
+    x = to_float(images)  # (B, C, H, W)
+    b, dev = x.shape[0], x.device
+    if crop_scale >= 1 and translate <= 0 and not hflip and rotation <= 0:
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        return x
+
+    def uniform(low: float, high: float) -> torch.Tensor:  # (B,)
+        return low + (high - low) * torch.rand(b, generator=generator, device=dev)
+
+    if crop_scale < 1:
+        area = uniform(crop_scale, 1.0)
+        ratio = torch.exp(uniform(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])))
+        w = torch.sqrt(area * ratio).clamp(max=1.0)  # half-width in normalised units (1 = whole)
+        h = torch.sqrt(area / ratio).clamp(max=1.0)
+        cx = (torch.rand(b, generator=generator, device=dev) * 2 - 1) * (1 - w)  # window stays inside
+        cy = (torch.rand(b, generator=generator, device=dev) * 2 - 1) * (1 - h)
+    else:
+        w = h = torch.ones(b, device=dev)
+        cx = cy = torch.zeros(b, device=dev)
+    if translate > 0:
+        # A shift of t·side is 2t in normalised coordinates ([-1, 1] spans the side).
+        cx = cx + uniform(-2 * translate, 2 * translate)
+        cy = cy + uniform(-2 * translate, 2 * translate)
+    flip = torch.ones(b, device=dev)
+    if hflip:
+        flip = torch.where(torch.rand(b, generator=generator, device=dev) < 0.5, -flip, flip)
+    angle = uniform(-math.radians(rotation), math.radians(rotation)) if rotation > 0 else torch.zeros(b, device=dev)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    sx = w * flip
+    theta = torch.stack(
+        [torch.stack([cos * sx, -sin * h, cx], 1), torch.stack([sin * sx, cos * h, cy], 1)], 1
+    )  # (B, 2, 3)
+    grid = F.affine_grid(theta, [b, x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def augment(
+    images: torch.Tensor,
+    *,
+    size: int,
+    channels: int,
+    mean: float,
+    std: float,
+    crop_scale: float = 1.0,
+    translate: float = 0.0,
+    hflip: bool = False,
+    rotation: float = 0.0,
+    brightness: float = 0.0,
+    contrast: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Training augmentation for folders and Fashion-MNIST: (B, H, W) or (B, C, H, W) uint8 ->
+    (B, channels, size, size) normalised. Crop/shift/flip/rotation as one resample, then the
+    brightness/contrast jitter of `color_jitter` (the contrast mean is over all channels)."""
+    x = random_crop_flip_rotate(images, size, crop_scale=crop_scale, translate=translate, hflip=hflip,
+                                rotation=rotation, generator=generator)
+    x = color_jitter(x, brightness, contrast, generator)
+    return normalize(x, mean, std, channels)
+
+
+def eval_transform_any(images: torch.Tensor, *, size: int, channels: int, mean: float, std: float) -> torch.Tensor:
+    """Test-time transform for (B, H, W) or (B, C, H, W) uint8: resize (when needed) + normalise."""
+    return normalize(random_crop_flip_rotate(images, size), mean, std, channels)

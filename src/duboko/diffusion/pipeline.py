@@ -85,7 +85,7 @@ def sample(
         cond = cond.to(device)
     guided = cond is not None and guidance != 1.0
     if guidance != 1.0 and cond is None:
-        raise DubokoError("--guidance needs a condition (a label or a prompt); the model samples unconditionally")
+        raise DubokoError("guidance != 1 needs a condition (a label or a prompt); this model samples unconditionally")
     kwargs = _conditioning(model, cond, guided)
     scheduler.set_timesteps(num_steps)
     x = torch.randn((num_images, *image_shape), generator=generator).to(device)  # x_T ~ N(0, I)

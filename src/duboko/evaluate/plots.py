@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from duboko.errors import DubokoError
 from duboko.io import atomic_write_bytes
 
 
@@ -30,6 +31,26 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def check_png_output(path: str | Path) -> Path:
+    """The one rule for every picture duboko writes (commands' `--out x.png` included): the name
+    ends in .png, and an existing file there is replaced only when it is a PNG itself, so a
+    mistyped `--out` never replaces a run's config.json, a script or a folder."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise DubokoError(f"picture output {str(path)!r} must end in .png")
+    if path.is_symlink() or path.exists():
+        if path.is_symlink() or not path.is_file():
+            raise DubokoError(f"picture output {str(path)!r} exists and is not a regular file; pick another name")
+        with open(path, "rb") as f:
+            head = f.read(len(PNG_SIGNATURE))
+        if head != PNG_SIGNATURE:
+            raise DubokoError(f"picture output {str(path)!r} exists and is not a PNG; duboko never replaces it")
+    return path
 
 
 @contextmanager
@@ -45,6 +66,7 @@ def figure(
 ) -> Iterator[tuple[Any, Any]]:
     """Yield (figure, axes) with `axes` a rows x cols grid (axes[r][c]); on leaving the block
     lay it out, add the `title` and write it to `path` as a PNG. `size` is in inches."""
+    check_png_output(path)  # before anything is drawn
     plt = _plt()
     fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False)
     try:
@@ -61,6 +83,11 @@ def figure(
 def save_figure(fig, path: str | Path, dpi: int = 120) -> None:
     """Render a finished figure to PNG, write it atomically and close it (`figure` ends here)."""
     plt = _plt()
+    try:
+        check_png_output(path)
+    except DubokoError:
+        plt.close(fig)
+        raise
     buffer = io.BytesIO()
     try:
         fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
@@ -123,6 +150,7 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, scale: int 
     Pixels, not a chart: drawn with PIL at their own resolution (nearest-neighbour `scale`)."""
     from PIL import Image
 
+    check_png_output(path)
     n, _, h, w = images.shape
     ncol = min(nrow, n)
     rows = math.ceil(n / ncol)

@@ -363,7 +363,7 @@ def _run(model: nn.Module, inputs: tuple, count_flops: bool) -> tuple[_Recorder,
         shapes = ", ".join(str(tuple(t.shape)) for t in _tensors(inputs))
         raise DubokoError(
             f"{type(model).__name__} cannot run on input shape(s) {shapes}: {str(exc).splitlines()[0]}; "
-            "pass a matching --input-shape (without the batch dimension) or change the model with --set"
+            "give a matching input shape (without the batch dimension) or change the model's config"
         ) from None
     finally:
         recorder.remove()
@@ -499,9 +499,9 @@ def parse_input_shape(text: str) -> list[int]:
     try:
         dims = [int(p) for p in parts]
     except ValueError:
-        raise DubokoError(f"--input-shape expects comma-separated sizes without the batch, like 3,48,48; got {text!r}") from None
+        raise DubokoError(f"input shape expects comma-separated sizes without the batch, like 3,48,48; got {text!r}") from None
     if not dims or any(d < 1 for d in dims):
-        raise DubokoError(f"--input-shape expects positive sizes like 3,48,48; got {text!r}")
+        raise DubokoError(f"input shape expects positive sizes like 3,48,48; got {text!r}")
     return dims
 
 
@@ -528,11 +528,11 @@ def make_inputs(name: str, model: nn.Module, input_shapes: list[list[int]] | Non
         torch.manual_seed(0)
         example = tuple(spec.example_input(model.config, batch))
     elif not input_shapes:
-        raise DubokoError(f"model {name!r} has no default input; pass --input-shape like 3,48,48")
+        raise DubokoError(f"model {name!r} has no default input; give an input shape like 3,48,48")
     if not input_shapes:
         return example
     if len(input_shapes) > max(1, len(example)):
-        raise DubokoError(f"model {name!r} takes {len(example)} input(s), got {len(input_shapes)} --input-shape values")
+        raise DubokoError(f"model {name!r} takes {len(example)} input(s), got {len(input_shapes)} input shapes")
     gen = torch.Generator().manual_seed(0)
     out = list(example) if example else [None]
     for i, shape in enumerate(input_shapes):

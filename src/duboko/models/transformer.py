@@ -34,11 +34,13 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from duboko.errors import DubokoError
 from duboko.nn.attention import (
     KV,
+    MLP,
     POSITIONAL,
     TransformerDecoder,
     TransformerEncoder,
@@ -66,6 +68,15 @@ def tie_output_head(model: nn.Module, embedding_key: str, head_key: str) -> None
 # GPT.
 
 
+class TanhGELUMLP(MLP):
+    """The block MLP with GPT-2's GELU, the tanh approximation (Hendrycks & Gimpel 2016, eq. in
+    section 2): 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))). Imported GPT-2 weights need it: the
+    exact GELU differs by up to ~1e-3 per unit, far above a 1e-4 logit parity."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))  # (B, T, D)
+
+
 @dataclass
 class KVCache:
     """The GPT's generation state: what `forward(idx, state)` returns and takes back."""
@@ -87,6 +98,7 @@ class GPTConfig:
     bias: bool = True  # biases in Linear and LayerNorm layers (GPT-2 has them)
     tie_weights: bool = True  # share the token embedding with the output head
     positional: str = "learned"  # learned (GPT-2) | sinusoidal | rotary | none
+    activation: str = "gelu"  # MLP activation: gelu (exact erf) | gelu_tanh (GPT-2's tanh approximation)
 
 
 class GPT(nn.Module):
@@ -118,6 +130,10 @@ class GPT(nn.Module):
             cross_attention=False,
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        check_one_of("activation", config.activation, ("gelu", "gelu_tanh"))
+        if config.activation == "gelu_tanh":
+            for layer in self.decoder.layers:  # same parameters (fc1, fc2), another activation
+                layer.mlp = TanhGELUMLP(config.n_embd, config.mlp_ratio * config.n_embd, config.dropout, config.bias)
         self.apply(self._init_weights)
         # GPT-2: scale the init of the projections into the residual stream by 1/√(2·n_layer),
         # so the residual's variance does not grow with depth.

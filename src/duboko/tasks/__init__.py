@@ -16,6 +16,7 @@ A new task is one module in this package (or anywhere, imported before use) with
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,9 @@ class Task:
     # Model fields the task fills from its data, and what sets them (shown when a user tries to
     # override one): {"vocab_size": "data.vocab_size"}. Only these may be written by the task.
     derived_model_fields: ClassVar[dict[str, str]] = {}
+    # Fields that the [data] and [model] sections both have and that must agree (image_size): a
+    # bare `--set image_size=64` sets both.
+    shared_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Any, device: torch.device, rank: int = 0, world_size: int = 1):
         self.config = config  # duboko.config.RunConfig
@@ -74,6 +78,12 @@ class Task:
         self.world_size = world_size
 
     # -- config --------------------------------------------------------------------------------
+    @classmethod
+    def derived_fields(cls, data: dict[str, Any]) -> dict[str, str]:
+        """The derived model fields for a raw [data] section (override when the data decides:
+        a folder of images derives the class count, MNIST does not)."""
+        return dict(cls.derived_model_fields)
+
     @classmethod
     def allowed_losses(cls, config: Any) -> tuple[str, ...]:
         """The `train.loss` values that fit this config (override when the data decides)."""
@@ -107,7 +117,7 @@ class Task:
 
     def set_model_field(self, key: str, value: Any) -> None:
         """Fill a data-dependent model field (declared in `derived_model_fields`)."""
-        if key not in self.derived_model_fields:
+        if key not in self.derived_fields(dataclasses.asdict(self.config.data)):
             raise RuntimeError(f"task {self.name!r} writes model.{key} but does not declare it in derived_model_fields")
         self.config.model[key] = value
 

@@ -174,14 +174,14 @@ class DiffusionTask(Task):
         """The condition tensor for given labels or prompts (for sampling)."""
         if self.conditioning == "class":
             if prompts:
-                raise DubokoError("this run is label-conditioned: use --label, not --prompt")
+                raise DubokoError("this run is label-conditioned (model.conditioning = class): give labels, not prompts")
             return torch.tensor(labels, dtype=torch.long) if labels is not None else None
         if self.conditioning == "text":
             if labels is not None and not prompts:
                 prompts = [C.caption(int(y), C.HELD_OUT_TEMPLATES[0]) for y in labels]
             return self.tokenizer.batch(prompts) if prompts else None
         if labels is not None or prompts:
-            raise DubokoError("this run is unconditional: it takes no --label or --prompt")
+            raise DubokoError("this run is unconditional (model.conditioning = none): it takes no label or prompt")
         return None
 
     # -- training ------------------------------------------------------------------------------

@@ -1,39 +1,60 @@
-"""Image classification on MNIST: the primer's CNN pipeline (and any image model, e.g. an MLP).
+"""Image classification on MNIST, Fashion-MNIST or your own image folder: the primer's CNN
+pipeline (and any image model: an MLP, a ResNet, a ViT).
 
-The whole data set lives on the training device as uint8 (60000×28×28 = 47 MB); each batch is
-augmented there in a few batched ops (`duboko.data.transforms`), with no per-sample Python.
+MNIST and Fashion-MNIST live on the training device as uint8 (60000×28×28 = 47 MB); each batch is
+augmented there in a few batched ops (`duboko.data.transforms`), with no per-sample Python. An
+image folder (`data.dataset = "folder"`, `data.data_dir` = the folder or a `path,label` CSV) is
+decoded once into a uint8 memory-mapped cache (`duboko.data.image_folder`); its splits are held in
+memory when they fit `IN_MEMORY_BYTES`, else each batch is read from the map. Its class names (the
+sorted class-folder names) are saved in the run folder (classes.json) and in the resolved config
+(`data.class_names`), and fill the model's `num_classes` (an MLP's `out_features`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from duboko.data import mnist, transforms
+from duboko import registry
+from duboko.data import fashion_mnist, image_folder, mnist, transforms
 from duboko.data.batching import batch_slice, epoch_permutation, num_batches, rank_slice
 from duboko.config import require_at_least
 from duboko.errors import DubokoError, unknown_name
 from duboko.evaluate import metrics as M
-from duboko.io import atomic_write_text
+from duboko.io import atomic_write_json, atomic_write_text, read_json
 from duboko.seeding import generator
 from duboko.tasks import Evaluation, StepOutput, Task, register_task
 
-DATASETS = ("mnist",)
-# Classes of each data set, known without loading it (so `check` can compare the model's outputs).
-DATASET_CLASSES = {"mnist": mnist.CLASSES}
+DATASETS = ("mnist", "fashion-mnist", "folder")
+# Classes of each built-in data set, known without loading it (so `check` can compare the model's
+# outputs); a folder's classes are known only from its files.
+DATASET_CLASSES = {"mnist": mnist.CLASSES, "fashion-mnist": fashion_mnist.CLASSES}
+CLASSES_FILE = "classes.json"  # a folder run's class names (and decode settings), beside the weights
+# The model fields a folder's class count fills (whichever the model has).
+CLASS_FIELDS = ("num_classes", "out_features")
+# A folder split up to this size is copied from the cache into memory (on the training device);
+# a larger one is read batch by batch from the memory-mapped cache.
+IN_MEMORY_BYTES = 1 << 30
+# The seeded validation split of a folder does not follow train.seed: runs with different seeds
+# are compared on the same held-out images (as MNIST's fixed `mnist.SPLIT_SEED`).
+FOLDER_SPLIT_SEED = 0
 
 
 @dataclass
 class ImageDataConfig:
-    dataset: str = "mnist"  # the data set (mnist)
-    data_dir: str = ""  # folder with the IDX files ("" searches $DUBOKO_DATA, the bundled copy, the cache)
+    dataset: str = "mnist"  # mnist | fashion-mnist | folder (your own images: data.data_dir)
+    # mnist / fashion-mnist: folder with the IDX files ("" searches $DUBOKO_DATA, the bundled copy or
+    # the Debian package, the user cache); folder: ROOT/<class>/*.png (or ROOT/train + ROOT/val|test)
+    # or a CSV of path,label rows (required)
+    data_dir: str = ""
     download: bool = False  # download into the user cache even when a local copy exists
     image_size: int = 48  # resize to image_size × image_size
     channels: int = 3  # 3 replicates the grey channel (the primer's Grayscale(3)); 1 keeps it
@@ -42,10 +63,35 @@ class ImageDataConfig:
     contrast: float = 0.2  # contrast jitter factor range 1 ± contrast (training only)
     mean: float = mnist.MEAN  # normalisation mean (MNIST train set)
     std: float = mnist.STD  # normalisation std (MNIST train set)
-    val_fraction: float = 0.0  # hold out this share of train for validation (0: validate on test, as the primer)
+    val_fraction: float = 0.0  # hold out this share of train for validation (0: validate on test, as the primer;
+    # a folder without ROOT/val or ROOT/test needs > 0: a seeded, per-class split by file name)
+    hflip: bool = False  # random horizontal flips (off: digits are not mirror-symmetric; on for clothes, photos)
+    crop_scale: float = 1.0  # random resized crop: area share drawn from [crop_scale, 1] (1: no crop)
+    translate: float = 0.0  # random shift by up to ± this share of the side (0: none)
+    skip_bad_images: bool = False  # folder: skip (and count) unreadable images instead of stopping
+    max_pixels: int = image_folder.MAX_PIXELS  # folder: refuse images with more pixels (decompression bombs)
+    # folder: the class names in label order, filled from the data (saved so `predict` needs no
+    # data); set by hand, they must match the folder's
+    class_names: list[str] = field(default_factory=list)
     limit_train: int = 0  # use only the first N training images (0: all), for quick experiments and tests
     limit_test: int = 0  # use only the first N test images (0: all)
     eval_batch_size: int = 1000  # batch size for evaluation passes
+
+
+class _CachedRows:
+    """A folder split larger than `IN_MEMORY_BYTES`: its rows of the memory-mapped cache, read
+    batch by batch (only the batch is in memory)."""
+
+    def __init__(self, images: np.ndarray, rows: np.ndarray):
+        self.images = images  # (N, C, S, S) uint8 memory map
+        self.rows = rows  # (n,) int64 rows of this split
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: slice | torch.Tensor) -> torch.Tensor:
+        picked = self.rows[index] if isinstance(index, slice) else self.rows[index.cpu().numpy()]
+        return torch.from_numpy(np.asarray(self.images[picked]))  # (b, C, S, S) uint8
 
 
 @register_task
@@ -55,6 +101,16 @@ class ImageClassificationTask(Task):
     shown_metric = "accuracy"
     datasets = DATASETS
     losses = ("cross_entropy",)
+
+    shared_fields = ("image_size",)
+
+    @classmethod
+    def derived_fields(cls, data: dict[str, Any]) -> dict[str, str]:
+        # Only a folder's task derives the class count it finds; MNIST recipes set
+        # model.num_classes = 10 themselves (checked against the data set in `check`).
+        if data.get("dataset", ImageDataConfig.dataset) == "folder":
+            return {key: "the class folders of data.data_dir" for key in CLASS_FIELDS}
+        return {}
 
     # -- config --------------------------------------------------------------------------------
     @classmethod
@@ -78,6 +134,20 @@ class ImageClassificationTask(Task):
             raise DubokoError(f"data.eval_batch_size must be >= 1, got {cfg.eval_batch_size}")
         if not 0.0 <= cfg.val_fraction < 1.0:
             raise DubokoError(f"data.val_fraction must be in [0, 1), got {cfg.val_fraction}")
+        if not (math.isfinite(cfg.crop_scale) and 0.0 < cfg.crop_scale <= 1.0):
+            raise DubokoError(f"data.crop_scale must be in (0, 1] (1: no random crop), got {cfg.crop_scale!r}")
+        if not (math.isfinite(cfg.translate) and 0.0 <= cfg.translate <= 0.5):
+            raise DubokoError(f"data.translate must be in [0, 0.5] (a share of the side), got {cfg.translate!r}")
+        if cfg.max_pixels < 1:
+            raise DubokoError(f"data.max_pixels must be >= 1, got {cfg.max_pixels}")
+        if cfg.dataset == "folder":
+            if cfg.class_names and (len(set(cfg.class_names)) != len(cfg.class_names) or len(cfg.class_names) < 2):
+                raise DubokoError(f"data.class_names must be at least 2 distinct names, got {cfg.class_names!r}")
+        elif cfg.class_names and cfg.class_names != list(DATASET_CLASSES[cfg.dataset]):
+            raise DubokoError(
+                f"data.class_names {cfg.class_names!r} does not fit data.dataset {cfg.dataset!r}, whose classes are "
+                f"{list(DATASET_CLASSES[cfg.dataset])!r}; leave it empty"
+            )
         cls._check_model_shapes(config)
 
     @staticmethod
@@ -85,9 +155,11 @@ class ImageClassificationTask(Task):
         """The model's input and output sizes against the data's, where the model has them: a
         mismatch would otherwise fail inside the first batch, after the run folder exists."""
         cfg, model = config.data, config.model
-        n_classes = len(DATASET_CLASSES[cfg.dataset])
-        for key in ("num_classes", "out_features"):
-            if key in model and model[key] != n_classes:
+        # A folder's classes are known from its files (`setup` fills the model's class count),
+        # or from data.class_names in a run folder's config.
+        n_classes = len(cfg.class_names) if cfg.dataset == "folder" else len(DATASET_CLASSES[cfg.dataset])
+        for key in CLASS_FIELDS:
+            if n_classes and key in model and model[key] != n_classes:
                 raise DubokoError(
                     f"model.{key} is {model[key]} but data.dataset {cfg.dataset!r} has {n_classes} classes"
                 )
@@ -109,37 +181,140 @@ class ImageClassificationTask(Task):
     # -- data ----------------------------------------------------------------------------------
     def setup(self, run_dir: Path | None = None, splits: tuple[str, ...] = ("train", "test")) -> None:
         cfg = self.config.data
+        # split -> (uint8 images, int64 labels): (N, 28, 28) for MNIST / Fashion-MNIST, (N, C, S, S)
+        # for a folder, either a tensor (train on the device) or `_CachedRows` read per batch.
+        self.splits: dict[str, tuple[Any, torch.Tensor]] = {}
+        self.folder: image_folder.ImageFolderData | None = None
+        self.test_split = "test"  # the split `final_metrics` reports (a folder may have only val)
+        if cfg.dataset == "folder":
+            self._setup_folder(run_dir)
+            return
         self.class_names = list(DATASET_CLASSES[cfg.dataset])
         self.num_classes = len(self.class_names)
-        # split -> (uint8 images (N, 28, 28), int64 labels (N,)); train lives on the device.
-        self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         data_dir = cfg.data_dir or None
         if "train" in splits:
-            x, y = mnist.load_split("train", data_dir, cfg.download, limit=cfg.limit_train)
+            x, y = self._load_builtin("train", data_dir, cfg.download, cfg.limit_train)
             if cfg.val_fraction > 0:
                 (x, y), self.splits["val"] = mnist.hold_out_validation(x, y, max(1, int(len(x) * cfg.val_fraction)))
             self.splits["train"] = (x.to(self.device), y.to(self.device))
         if "test" in splits or "val" not in self.splits:
-            self.splits["test"] = mnist.load_split("test", data_dir, limit=cfg.limit_test)
+            self.splits["test"] = self._load_builtin("test", data_dir, False, cfg.limit_test)
             self.splits.setdefault("val", self.splits["test"])
+
+    def _load_builtin(self, split: str, data_dir: str | None, download: bool, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.config.data.dataset == "mnist":
+            return mnist.load_split(split, data_dir, download, limit=limit)
+        x, y = fashion_mnist.load_fashion_mnist(split, data_dir, download)
+        return (x[:limit], y[:limit]) if limit else (x, y)
+
+    def _setup_folder(self, run_dir: Path | None) -> None:
+        cfg = self.config.data
+        if not cfg.data_dir:
+            raise DubokoError(
+                "data.data_dir is empty; data.dataset = 'folder' needs a folder of class folders "
+                "(ROOT/<class>/*.png) or a CSV of path,label rows"
+            )
+        data = image_folder.load_image_folder(
+            cfg.data_dir, image_size=cfg.image_size, channels=cfg.channels, val_fraction=cfg.val_fraction,
+            seed=FOLDER_SPLIT_SEED, skip_bad_images=cfg.skip_bad_images, max_pixels=cfg.max_pixels,
+            progress=None if self.rank == 0 else False,
+        )
+        self.folder = data
+        names = list(data.class_names)
+        saved = self._saved_class_names(run_dir) if run_dir is not None else None
+        for what, expected in (("data.class_names", cfg.class_names), (f"{CLASSES_FILE} of the run", saved)):
+            if expected and list(expected) != names:
+                raise DubokoError(
+                    f"the classes of {cfg.data_dir} ({', '.join(names)}) differ from {what} "
+                    f"({', '.join(expected)}); the model was trained on those"
+                )
+        cfg.class_names = names
+        self.class_names, self.num_classes = names, len(names)
+        fields = registry.config_fields(registry.get_spec(self.config.model["name"]))
+        for key in CLASS_FIELDS:
+            if key in fields:
+                self.set_model_field(key, self.num_classes)
+
+        def rows(split: str, limit: int) -> np.ndarray:
+            r = data.splits[split]
+            return r[:limit] if limit else r
+
+        train_rows = rows("train", cfg.limit_train)
+        if "test" in data.splits:
+            test_rows = rows("test", cfg.limit_test)
+            val_rows = data.splits["val"] if len(data.splits.get("val", ())) else test_rows
+        else:
+            val_rows = rows("val", cfg.limit_test)
+            test_rows = val_rows
+            self.test_split = "val"
+        if not len(val_rows):
+            raise DubokoError(
+                f"{cfg.data_dir} has no ROOT/val or ROOT/test folder and data.val_fraction is {cfg.val_fraction}; "
+                "set data.val_fraction (e.g. 0.2) to hold out a seeded validation split"
+            )
+        self.splits["train"] = self._folder_split(data, train_rows, on_device=True)
+        self.splits["val"] = self._folder_split(data, val_rows, on_device=False)
+        self.splits["test"] = self.splits["val"] if test_rows is val_rows else self._folder_split(data, test_rows, on_device=False)
+
+    def _folder_split(self, data: image_folder.ImageFolderData, rows: np.ndarray, on_device: bool) -> tuple[Any, torch.Tensor]:
+        labels = torch.from_numpy(data.labels[rows].copy())
+        if len(rows) * int(np.prod(data.images.shape[1:])) <= IN_MEMORY_BYTES:
+            images, _ = data.batch(rows)  # (n, C, S, S) uint8, copied out of the map
+            return (images.to(self.device), labels.to(self.device)) if on_device else (images, labels)
+        return _CachedRows(data.images, rows), labels.to(self.device) if on_device else labels
+
+    @staticmethod
+    def _saved_class_names(run_dir: Path) -> list[str] | None:
+        path = Path(run_dir) / CLASSES_FILE
+        if not path.is_file():
+            return None
+        saved = read_json(path)
+        names = saved.get("class_names") if isinstance(saved, dict) else None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise DubokoError(f"{path} holds no list of class names (expected {{\"class_names\": [...]}})")
+        return names
+
+    def save_assets(self, run_dir: Path) -> list[str]:
+        if self.config.data.dataset != "folder":
+            return []  # the built-in data sets' classes are constants (DATASET_CLASSES)
+        cfg = self.config.data
+        atomic_write_json(Path(run_dir) / CLASSES_FILE, {
+            "class_names": self.class_names, "image_size": cfg.image_size, "channels": cfg.channels,
+            "mean": cfg.mean, "std": cfg.std,
+        })
+        return [CLASSES_FILE]
 
     # -- training batches ---------------------------------------------------------------------
     def num_train_batches(self) -> int:
         return num_batches(len(self.splits["train"][0]), self.config.train.batch_size, self.world_size)
 
+    def _plain_mnist_path(self) -> bool:
+        """MNIST-like data without crop, shift or flip: the primer's transform, bit for bit."""
+        cfg = self.config.data
+        return cfg.dataset != "folder" and cfg.crop_scale >= 1 and cfg.translate <= 0 and not cfg.hflip
+
     def train_batches(self, epoch: int, start: int = 0) -> Iterator[Any]:
         cfg, train = self.config.data, self.config.train
         images, labels = self.splits["train"]
         perm = epoch_permutation(len(images), train.seed, epoch, self.device)
+        plain = self._plain_mnist_path()
         for i in range(start, self.num_train_batches()):
             idx = batch_slice(perm, i, train.batch_size)
             # The whole global batch is augmented (with the batch's own generator), then each
             # rank keeps its share: 1 process and N ranks see the same augmented images.
             gen = generator(train.seed, epoch, i, device=self.device)
-            x = transforms.train_transform(
-                images[idx], size=cfg.image_size, channels=cfg.channels, rotation=cfg.rotation,
-                brightness=cfg.brightness, contrast=cfg.contrast, mean=cfg.mean, std=cfg.std, generator=gen,
-            )  # (B, C, S, S)
+            batch = images[idx].to(self.device)  # (B, 28, 28) or (B, C, S, S) uint8
+            if plain:
+                x = transforms.train_transform(
+                    batch, size=cfg.image_size, channels=cfg.channels, rotation=cfg.rotation,
+                    brightness=cfg.brightness, contrast=cfg.contrast, mean=cfg.mean, std=cfg.std, generator=gen,
+                )  # (B, C, S, S)
+            else:
+                x = transforms.augment(
+                    batch, size=cfg.image_size, channels=cfg.channels, mean=cfg.mean, std=cfg.std,
+                    crop_scale=cfg.crop_scale, translate=cfg.translate, hflip=cfg.hflip, rotation=cfg.rotation,
+                    brightness=cfg.brightness, contrast=cfg.contrast, generator=gen,
+                )  # (B, C, S, S)
             x = rank_slice(x, self.rank, self.world_size)
             y = rank_slice(labels[idx], self.rank, self.world_size)
             if train.channels_last:
@@ -148,7 +323,11 @@ class ImageClassificationTask(Task):
 
     def eval_inputs(self, images: torch.Tensor) -> torch.Tensor:
         cfg = self.config.data
-        x = transforms.eval_transform(images.to(self.device), size=cfg.image_size, channels=cfg.channels, mean=cfg.mean, std=cfg.std)
+        images = images.to(self.device)
+        if images.dim() == 3 and self._plain_mnist_path():
+            x = transforms.eval_transform(images, size=cfg.image_size, channels=cfg.channels, mean=cfg.mean, std=cfg.std)
+        else:
+            x = transforms.eval_transform_any(images, size=cfg.image_size, channels=cfg.channels, mean=cfg.mean, std=cfg.std)
         if self.config.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
@@ -188,7 +367,9 @@ class ImageClassificationTask(Task):
         preds, labels, loss = self.predict_split(model, "test")
         cm = M.confusion_matrix(labels, preds, self.num_classes)
         report = M.classification_report(cm, self.class_names)
-        text = (
+        # A folder without ROOT/test is tested on its validation split; the report says so.
+        where = "" if self.test_split == "test" else f"(on the {self.test_split} split: {self.config.data.data_dir} has no test folder)\n"
+        text = where + (
             f"test loss = {loss:.4f} | test accuracy = {report['accuracy'] * 100:.2f}% "
             f"({int(cm.diag().sum())}/{int(cm.sum())})\n\n"
             f"Classification report\n{M.format_report(report)}\n\n"
@@ -207,6 +388,10 @@ class ImageClassificationTask(Task):
             "classification_report": report,
             "confusion_matrix": cm.tolist(),
         }
+        if self.folder is not None:
+            metrics.update(self.folder.metrics())  # data.skipped_images, data.num_images, data.num_classes
+            metrics["data.decoded_images"] = self.folder.decoded  # 0 when every image came from the cache
+            metrics["test_split"] = self.test_split
         return Evaluation(metrics, text)
 
     # -- inference on user files ---------------------------------------------------------------
@@ -257,10 +442,30 @@ class ImageClassificationTask(Task):
             return rgba.convert("L")
         return img.convert("L")
 
+    def load_folder_image(self, path: str) -> torch.Tensor:
+        """A user's image decoded exactly as a folder run's training images were (the same
+        `image_folder.decode_image` at data.image_size / data.channels): uint8 (C, S, S). No
+        inversion: a folder's pictures are whatever the user trained on."""
+        cfg = self.config.data
+        if not Path(path).is_file():
+            raise DubokoError(f"image {path!r} does not exist")
+        return torch.from_numpy(image_folder.decode_image(
+            path, image_size=cfg.image_size, channels=cfg.channels, max_pixels=cfg.max_pixels))
+
     @torch.no_grad()
     def predict_files(self, model: nn.Module, paths: list[str], top: int = 3) -> list[dict]:
-        self.class_names = list(DATASET_CLASSES[self.config.data.dataset])
-        loaded = [self.load_image_file(p) for p in paths]  # all files checked before any output
+        cfg = self.config.data
+        if cfg.dataset == "folder":
+            # `predict` loads no data: the class names come from the run's config (data.class_names).
+            if len(cfg.class_names) < 2:
+                raise DubokoError("this folder run's config has no data.class_names; it was not trained by this version")
+            self.class_names = list(cfg.class_names)
+            loaded = [(self.load_folder_image(p), False) for p in paths]
+        else:
+            # MNIST and Fashion-MNIST share the heuristic: both are light objects on black, made
+            # from dark-on-light originals (Fashion-MNIST's are negated product photos).
+            self.class_names = list(DATASET_CLASSES[cfg.dataset])
+            loaded = [self.load_image_file(p) for p in paths]  # all files checked before any output
         images = torch.stack([img for img, _ in loaded])
         probs = torch.softmax(model(self.eval_inputs(images)).float(), dim=1).cpu()
         k = min(top, probs.shape[1])

@@ -120,7 +120,7 @@ class LanguageModelTask(Task):
         if block is not None and d.seq_len > int(block):
             raise DubokoError(
                 f"data.seq_len={d.seq_len} is longer than the model's context model.block_size={block}; "
-                f"lower seq_len or also --set block_size={d.seq_len}"
+                f"lower data.seq_len or raise model.block_size to {d.seq_len}"
             )
 
     # -- data ----------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ from torch import nn
 
 from duboko import config as C
 from duboko.errors import DubokoError
+from duboko.evaluate.model_card import write_model_card
+from duboko.evaluate.report import write_report
 from duboko.io import atomic_write_json
 from duboko.registry import get_task
 from duboko.seeding import derive_seed, seed_everything
@@ -36,7 +38,10 @@ from duboko.train import distributed as D
 from duboko.train import runtime
 from duboko.train.optim import build_optimizer, lr_factor, set_lr
 from duboko.precision import autocast, resolve_precision
-from duboko.train.run import CONFIG, METRICS, pick_device, save_weights, write_history, write_manifest
+from duboko.train.lock import LOCK_FILE, RunLock
+from duboko.train.run import (
+    CONFIG, MANIFEST, METRICS, pick_device, save_weights, verify_resumable, write_history, write_manifest,
+)
 
 
 class EMA:
@@ -119,10 +124,19 @@ def summary_line(epoch: float, train: dict[str, float], val: dict[str, float], s
     return f"[Epoch {epoch}] " + " | ".join(parts) + f" | {seconds:.1f}s"
 
 
+# Files a command may find in a folder it is asked to train into that make it "a run folder":
+# anything else in a non-empty folder belongs to the user and is never overwritten.
+RUN_FOLDER_MARKS = (CONFIG, MANIFEST, ckpt.STATE_FILE)
+
+
 def prepare_run_dir(out: Path, resume: bool, overwrite: bool, is_main: bool) -> None:
+    """Check the run folder before anything is written (the caller holds its lock): resume
+    needs a saved state that verifies; a new run needs a new or empty folder, or a run folder
+    with overwrite."""
     if resume:
-        if not (out / ckpt.STATE_FILE).exists():
-            raise DubokoError(f"cannot resume: {out / ckpt.STATE_FILE} does not exist")
+        # Before the state, config or assets are read again: tampered or truncated files are
+        # refused (a run killed between a checkpoint and its manifest still resumes).
+        verify_resumable(out)
         if is_main:
             # A run killed inside an atomic write leaves its temporary file (`.NAME.XXXX.tmp`, see
             # duboko.io); the file it was replacing is whole, so the leftover is only dead weight.
@@ -134,17 +148,73 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool, is_main: bool) -> 
             f"run folder {str(out)!r} already holds a run; resume it (resume=True, `duboko train --resume`), "
             "replace it (overwrite=True, `--overwrite`), or pick another run folder"
         )
+    if out.is_dir() and not any((out / mark).exists() for mark in RUN_FOLDER_MARKS):
+        others = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
+        if others:
+            shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+            raise DubokoError(
+                f"{str(out)!r} is not empty and not a run folder (it holds {shown}); "
+                "a run folder must be new, empty or a previous run: pick another one"
+            )
 
 
 def create_run_dir(out: Path, is_main: bool) -> None:
-    """Created only once the config, data and model are known good: a user mistake leaves nothing."""
+    """Create the run folder (and its parents) on the main rank; a folder that cannot be created
+    or written is one line."""
     if is_main:
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise DubokoError(f"cannot create run folder {str(out)!r}: {exc.strerror or exc}") from exc
+        if not out.is_dir():
+            raise DubokoError(f"run folder {str(out)!r} is a file, expected a folder")
         if not os.access(out, os.W_OK):
             raise DubokoError(f"run folder {str(out)!r} is not writable")
+
+
+def set_aside_old_run(out: Path) -> Path:
+    """`--overwrite`: move the old run's files (everything but the lock) into a hidden sibling
+    folder, `.NAME.overwritten-PID`, so that the new run starts in an empty folder while the old
+    run stays whole until the new one has its first complete checkpoint (`settle_overwrite`)."""
+    backup = out.parent / f".{out.name}.overwritten-{os.getpid()}"
+    try:
+        backup.mkdir()
+        for entry in out.iterdir():
+            if entry.name != LOCK_FILE:
+                entry.rename(backup / entry.name)
+    except OSError as exc:
+        raise DubokoError(f"cannot set the old run in {str(out)!r} aside for --overwrite: {exc.strerror or exc}") from exc
+    return backup
+
+
+def settle_overwrite(out: Path, backup: Path) -> str:
+    """After an `--overwrite` run stops: with a complete checkpoint of its own (state and
+    manifest) the new run stays and the old one is deleted; without, the old run is put back
+    whole and the new run's partial files are removed. Returns what happened, for the user."""
+    import shutil
+
+    if (out / ckpt.STATE_FILE).is_file() and (out / MANIFEST).is_file():
+        shutil.rmtree(backup, ignore_errors=True)
+        return "replaced"
+    for entry in out.iterdir():
+        if entry.name != LOCK_FILE:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    for entry in backup.iterdir():
+        entry.rename(out / entry.name)
+    backup.rmdir()
+    return "restored"
+
+
+def lock_run_dir(out: Path, resume: bool) -> tuple[RunLock | None, bool]:
+    """Take the run folder's lock (`duboko.train.lock`) before it is checked or written, so that
+    the check and the writes are one writer's; the folder is created for it if needed.
+    Returns (lock, whether the folder was created here): a run that fails before writing
+    anything removes the empty folder again (a user mistake leaves nothing)."""
+    if resume and not out.is_dir():
+        return None, False  # prepare_run_dir says what is missing
+    created = not out.exists()
+    create_run_dir(out, True)
+    return RunLock.acquire(out), created
 
 
 def plan_steps(tcfg: C.TrainConfig, steps_per_epoch: int) -> tuple[int, int]:
@@ -218,6 +288,9 @@ class Trainer:
         self.dist = D.init_from_env(self.device.type)
         self.is_main = self.dist.is_main
         self.writer = None
+        self.lock: RunLock | None = None  # the run folder's, held until close()
+        self._created_out = False
+        self._overwritten: Path | None = None  # the old run, set aside by --overwrite
         try:
             self._setup(resume, overwrite)
         except BaseException:
@@ -233,6 +306,8 @@ class Trainer:
         task_cls = get_task(cfg.task)
         task_cls.check(cfg)  # a config built by hand, not through config.resolve, is checked too
         if out is not None:
+            if self.is_main:
+                self.lock, self._created_out = lock_run_dir(out, resume)
             prepare_run_dir(out, resume, overwrite, self.is_main)
 
         # Same seed on every rank for the model's initial weights (DDP also broadcasts rank 0's).
@@ -262,6 +337,8 @@ class Trainer:
         self.assets: list[str] = []
         if out is not None:
             create_run_dir(out, self.is_main)
+            if overwrite and not resume and self.is_main and (out / CONFIG).exists():
+                self._overwritten = set_aside_old_run(out)
             if self.is_main:
                 atomic_write_json(out / CONFIG, cfg.to_dict())
                 self.assets = list(self.task.save_assets(out) or [])
@@ -560,6 +637,9 @@ class Trainer:
                     print(f"duboko: warning: the {self.dist.world_size} ranks ended with different weights", file=sys.stderr)
             if self.out is not None:
                 atomic_write_json(self.out / METRICS, metrics)
+                if self.cfg.train.report:  # report.html and MODEL_CARD.md, for people
+                    write_report(self.out, self.eval_model(), self.task)
+                    write_model_card(self.out)
                 write_manifest(self.out, self.assets)
             if evaluation.report:
                 self._show("\n" + evaluation.report)
@@ -569,11 +649,24 @@ class Trainer:
         return metrics
 
     def close(self) -> None:
-        """Close TensorBoard and leave the process group (safe to call twice)."""
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-        D.shutdown(self.dist)
+        """Close TensorBoard, release the run folder's lock (removing the folder again if this
+        run created it and wrote nothing) and leave the process group (safe to call twice)."""
+        try:
+            if self.writer is not None:
+                self.writer.close()
+                self.writer = None
+        finally:
+            if self._overwritten is not None and self.out is not None:
+                backup, self._overwritten = self._overwritten, None
+                if settle_overwrite(self.out, backup) == "restored":
+                    self._show(f"The new run stopped before its first checkpoint: the previous run in {self.out} "
+                               "is back as it was (--overwrite replaces it only once the new run has a checkpoint)")
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None
+                if self._created_out and self.out is not None and self.out.is_dir() and not any(self.out.iterdir()):
+                    self.out.rmdir()
+            D.shutdown(self.dist)
 
     def _show(self, text: str) -> None:
         if self.is_main and not self.quiet:

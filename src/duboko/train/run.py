@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,23 +58,79 @@ def write_manifest(run_dir: Path, assets: list[str] | tuple[str, ...] = ()) -> N
     atomic_write_json(run_dir / MANIFEST, {"sha256": files})
 
 
-def verify_manifest(run_dir: Path) -> None:
-    """Detect tampered or truncated files: each file the manifest lists must match its hash."""
+# Every load reads these two; a manifest that does not list them verifies nothing.
+REQUIRED = (CONFIG, WEIGHTS)
+# Files of these kinds in a run folder are read by loads (config, metrics, history, weights,
+# state, the tasks' assets: tokenizers, scalers); each one present must be in the manifest.
+LOADED_SUFFIXES = (".json", ".safetensors", ".csv")
+# What the engine rewrites at each checkpoint, before the manifest: a run killed between the two
+# leaves them newer than manifest.json (see `verify_manifest(..., killed_run_ok=True)`).
+REWRITTEN = (CONFIG, METRICS, HISTORY, WEIGHTS, "state.safetensors")
+MAX_MANIFEST_BYTES = 1 * 2**20
+
+
+def _manifest_listing(run_dir: Path) -> dict[str, str]:
     path = run_dir / MANIFEST
     if not path.exists():
         raise DubokoError(f"{run_dir} has no {MANIFEST}; it is not a complete duboko run folder")
-    manifest = read_json(path)
+    manifest = read_json(path, max_bytes=MAX_MANIFEST_BYTES)
     listed = manifest.get("sha256") if isinstance(manifest, dict) else None
     if not isinstance(listed, dict) or not all(
         isinstance(n, str) and isinstance(d, str) and n and "/" not in n and "\\" not in n and n not in (".", "..")
         for n, d in listed.items()
     ):
         raise DubokoError(f"{path} is not a duboko manifest (expected {{\"sha256\": {{file name: hex digest}}}})")
+    return listed
+
+
+def verify_manifest(run_dir: Path, *, required: tuple[str, ...] = REQUIRED, killed_run_ok: bool = False) -> None:
+    """Detect tampered, truncated, swapped-in or unlisted files, before any of them is parsed:
+    the manifest must list the `required` files (a load reads config.json and model.safetensors;
+    a resume config.json and state.safetensors) and every JSON, CSV and safetensors
+    file in the folder (assets included), and each listed file must be a regular file matching
+    its hash.
+
+    `killed_run_ok` (resume only): a file of REWRITTEN that is newer than manifest.json may
+    differ from (or be missing in) the manifest: the run was killed after rewriting it and
+    before rewriting the manifest, and the resume rewrites both. Assets are always checked."""
+    run_dir = Path(run_dir)
+    listed = _manifest_listing(run_dir)
+    missing = [name for name in required if name not in listed]
+    manifest_time = (run_dir / MANIFEST).stat().st_mtime_ns
+
+    def written_by_killed_run(name: str) -> bool:
+        try:
+            return killed_run_ok and name in REWRITTEN and (run_dir / name).stat().st_mtime_ns > manifest_time
+        except OSError:
+            return False
+
+    if missing and not all(written_by_killed_run(n) for n in missing):
+        raise DubokoError(
+            f"{run_dir / MANIFEST} does not list {', '.join(missing)}; every file a load reads must be listed "
+            "(the run folder is incomplete or its manifest was edited)"
+        )
+    unlisted = sorted(
+        p.name for p in run_dir.iterdir()
+        if p.suffix in LOADED_SUFFIXES and p.name != MANIFEST and not p.name.startswith(".")
+        and p.name not in listed and not written_by_killed_run(p.name)
+    )
+    if unlisted:
+        raise DubokoError(
+            f"{run_dir} holds {', '.join(unlisted[:5])}, not listed in {MANIFEST}; a load could read it "
+            "unchecked (remove it, or retrain the run)"
+        )
     for name, digest in listed.items():
         file = run_dir / name
-        if not file.exists():
-            raise DubokoError(f"{file} is missing (listed in {MANIFEST})")
-        if sha256_file(file) != digest:
+        try:
+            info = file.lstat()
+        except FileNotFoundError:
+            if written_by_killed_run(name):
+                continue
+            raise DubokoError(f"{file} is missing (listed in {MANIFEST})") from None
+        if not stat.S_ISREG(info.st_mode):
+            # A FIFO would hang the hash, a device never end, a symlink point anywhere.
+            raise DubokoError(f"{file} is not a regular file (a link, folder, device or FIFO); expected a file")
+        if sha256_file(file) != digest and not written_by_killed_run(name):
             # A run killed between a checkpoint and the manifest's rewrite also lands here.
             hint = " (or the run was killed mid-checkpoint: `duboko train --resume` finishes it)" if name == "state.safetensors" else ""
             raise DubokoError(f"{file} does not match its SHA-256 in {MANIFEST}: the file was changed or truncated{hint}")
@@ -126,9 +183,11 @@ def load_run(run_dir: str | Path, device: str = "auto", setup_task: bool = True,
     from duboko import registry
 
     run_dir = Path(run_dir)
-    cfg = load_config(run_dir, data_dir=data_dir)
-    if verify:
+    if verify:  # before config.json (or anything else) is parsed
+        if not run_dir.is_dir():
+            raise DubokoError(f"run folder {str(run_dir)!r} does not exist")
         verify_manifest(run_dir)
+    cfg = load_config(run_dir, data_dir=data_dir)
     dev = pick_device(device)
     task = registry.get_task(cfg.task)(cfg, dev)
     if setup_task:
@@ -147,8 +206,26 @@ def load_run(run_dir: str | Path, device: str = "auto", setup_task: bool = True,
 def evaluate_run(loaded: LoadedRun, write_files: bool = True) -> tuple[dict[str, Any], str]:
     """`duboko eval`: the validation metrics (val_*) and the task's final metrics of a loaded
     run, and its text report; the task's pictures go into the run folder when `write_files`."""
+    from duboko.train.lock import RunLock
+
     val = {f"val_{k}": v for k, v in loaded.task.evaluate(loaded.model, "val").items()}
     history = read_history(loaded.run_dir)
-    evaluation = loaded.task.final_metrics(loaded.model, loaded.run_dir if write_files else None, history)
+    if write_files:  # the pictures go into the run folder: one writer at a time
+        with RunLock.acquire(loaded.run_dir):
+            evaluation = loaded.task.final_metrics(loaded.model, loaded.run_dir, history)
+    else:
+        evaluation = loaded.task.final_metrics(loaded.model, None, history)
     metrics = {"run": str(loaded.run_dir), "recipe": loaded.config.recipe, **val, **evaluation.metrics}
     return metrics, evaluation.report
+
+
+def verify_resumable(run_dir: str | Path) -> None:
+    """The check a resume makes before it parses anything: the manifest lists config.json and
+    the training state, and they match (a run killed between a checkpoint and the manifest's
+    rewrite is accepted: the resume finishes it)."""
+    from duboko.train.checkpoint import STATE_FILE
+
+    run_dir = Path(run_dir)
+    if not (run_dir / STATE_FILE).exists():
+        raise DubokoError(f"cannot resume: {run_dir / STATE_FILE} does not exist")
+    verify_manifest(run_dir, required=(CONFIG, STATE_FILE), killed_run_ok=True)

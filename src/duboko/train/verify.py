@@ -25,7 +25,7 @@ import torch
 
 from duboko import registry
 from duboko.errors import DubokoError
-from duboko.io import read_json, save_tensors, sha256_file
+from duboko.io import looks_like_pickle, read_json, save_tensors, sha256_file
 from duboko.train.run import MANIFEST, LoadedRun, load_run, verify_manifest
 
 # Keys under which training scripts commonly nest a state dict inside a checkpoint dict.
@@ -59,8 +59,8 @@ def verify_run(run_dir: str | Path) -> dict[str, Any]:
         if name.endswith(".safetensors"):
             path = run_dir / name
             with open(path, "rb") as f:
-                head = f.read(2)
-            if head[:1] == b"\x80" or head == b"PK":
+                head = f.read(9)
+            if looks_like_pickle(head):
                 raise DubokoError(f"{path} is a pickle or a torch.save zip, which duboko never loads")
             try:
                 with safe_open(str(path), framework="pt") as f:
