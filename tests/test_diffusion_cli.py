@@ -62,6 +62,44 @@ def test_sample_metrics_json(t2i_run, tmp_path, capsys, random_scorer):
     assert m["prompt_phrasings"] == "held-out" and sum(m["sample_class_counts"]) == 20
 
 
+def test_sample_metrics_seeds_give_each_seed_and_the_minimum(t2i_run, tmp_path, capsys, random_scorer):
+    rc = main(["sample", str(t2i_run), "--metrics", "--n", "20", "--steps", "2", "--json", "--seeds", "0,1,2",
+               "--out", str(tmp_path / "g.png"), "--device", "cpu"])
+    assert rc == 0
+    m = json.loads(capsys.readouterr().out)
+    assert sorted(m["seeds"]) == ["0", "1", "2"]
+    accs = [m["seeds"][s]["prompt_accuracy"] for s in ("0", "1", "2")]
+    assert m["prompt_accuracy_min"] == min(accs)
+    for s in ("0", "1", "2"):
+        one = m["seeds"][s]
+        assert one["sample_seed"] == int(s) and one["sample_count"] == 20
+        assert one["prompt_accuracy_low"] <= one["prompt_accuracy"] <= one["prompt_accuracy_high"]
+        assert len(one["prompt_accuracy_per_digit"]) == 10
+    # The text form: one block per seed and the minimum.
+    assert main(["sample", str(t2i_run), "--metrics", "--n", "20", "--steps", "2", "--seeds", "0,1",
+                 "--out", str(tmp_path / "g.png"), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "-- seed 0" in out and "-- seed 1" in out and "minimum" in out and "Wilson interval" in out
+
+
+def test_sample_in_batches_matches_one_batch_for_the_first(t2i_run, tmp_path):
+    """`sample --n` runs in batches (bounded memory); batch k uses seed + k·batch, so the first
+    batch's images are the same as an unbatched call with the same seed."""
+    from duboko.train.verify import load_run_of
+
+    loaded = load_run_of(t2i_run, ("diffusion",), "cpu")
+    task, model = loaded.task, loaded.model
+    kw = dict(labels=[1, 2, 3, 4, 5], steps=2, seed=3)
+    whole = task.generate(model, 5, **kw).images
+    batched = task.generate_batched(model, 5, batch_size=3, **kw)
+    assert batched.shape == (5, 1, 28, 28)
+    assert torch.allclose(batched[:3], task.generate(model, 3, labels=[1, 2, 3], steps=2, seed=3).images, atol=1e-6)
+    assert torch.allclose(batched[3:], task.generate(model, 2, labels=[4, 5], steps=2, seed=6).images, atol=1e-6)
+    assert torch.allclose(task.generate_batched(model, 5, batch_size=5, **kw), whole, atol=1e-6)
+    assert main(["sample", str(t2i_run), "--n", "7", "--batch-size", "3", "--steps", "2",
+                 "--out", str(tmp_path / "b.png"), "--device", "cpu"]) == 0
+
+
 def test_trajectory_and_noising(t2i_run, tmp_path):
     assert main(["trajectory", str(t2i_run), "--prompt", "7", "--steps", "4", "--frames", "3",
                  "--out", str(tmp_path / "traj.png"), "--device", "cpu"]) == 0
@@ -77,6 +115,10 @@ def test_trajectory_and_noising(t2i_run, tmp_path):
         (["--prompt", "a very long prompt that keeps going well beyond the limit of the model"], "characters long"),
         (["--label", "3"], "use --prompt"),
         (["--sampler", "euler"], None),  # argparse refuses it (exit 2)
+        (["--metrics", "--seeds", "0,x"], "--seeds expects comma-separated integers"),
+        (["--metrics", "--seeds", "1,1"], "distinct"),
+        (["--seeds", "0,1"], "--seeds is for --metrics"),
+        (["--batch-size", "-1"], "--batch-size must be in"),
     ],
 )
 def test_sample_user_errors_are_one_line(t2i_run, tmp_path, capsys, argv, message):

@@ -63,3 +63,53 @@ def test_trajectory_picture(tmp_path):
     assert out.read_bytes()[:8] == PNG
     with pytest.raises(DubokoError, match="keep_every"):
         plot_trajectory(SampleResult(images, [], []), tmp_path / "none.png")
+
+
+# -- accuracy with its 95 % Wilson interval ---------------------------------------------------
+
+
+@pytest.mark.parametrize("correct,total", [(0, 10), (3, 10), (95, 100), (100, 100), (956, 1000), (1, 1)])
+def test_wilson_interval_solves_its_defining_equation(correct, total):
+    """The Wilson bounds are the p with |p̂ - p| = z √(p(1-p)/n) (Wilson 1927): check each
+    bound against that equation, independently of the closed form the code uses."""
+    from duboko.evaluate.diffusion import WILSON_Z95, wilson_interval
+
+    low, high = wilson_interval(correct, total)
+    p_hat = correct / total
+    assert 0.0 <= low <= p_hat <= high <= 1.0
+    for p in (low, high):
+        if 0 < p < 1:
+            assert abs(p_hat - p) == pytest.approx(WILSON_Z95 * (p * (1 - p) / total) ** 0.5, abs=1e-9)
+    if correct == 0:
+        assert low == 0.0
+    if correct == total:
+        assert high == 1.0
+
+
+def test_wilson_interval_known_values_and_bad_input():
+    from duboko.evaluate.diffusion import wilson_interval
+
+    # Textbook value (Newcombe 1998, table I: 0/10 -> 0 to 0.2775; 81/263 -> 0.2553 to 0.3662).
+    assert wilson_interval(0, 10)[1] == pytest.approx(0.2775, abs=1e-4)
+    low, high = wilson_interval(81, 263)
+    assert (low, high) == (pytest.approx(0.2553, abs=1e-4), pytest.approx(0.3662, abs=1e-4))
+    # N = 1,000 at 0.97: about ±1 pp; N = 300 at 0.93: about ±3 pp (the issue's point).
+    low, high = wilson_interval(970, 1000)
+    assert 0.955 < low < 0.96 and 0.978 < high < 0.98
+    for bad in ((5, 0), (-1, 10), (11, 10)):
+        with pytest.raises(DubokoError, match="correct"):
+            wilson_interval(*bad)
+
+
+def test_accuracy_summary_per_digit():
+    from duboko.evaluate.diffusion import accuracy_summary, wilson_interval
+
+    labels = torch.arange(10).repeat(10)  # 100 per ... 10 per digit
+    preds = labels.clone()
+    preds[labels == 8] = 3  # every 8 drawn as a 3
+    preds[(labels == 2).nonzero()[:5, 0]] = 7  # half of the 2s wrong
+    out = accuracy_summary(preds, labels)
+    assert out["prompt_accuracy"] == pytest.approx(85 / 100)
+    assert (out["prompt_accuracy_low"], out["prompt_accuracy_high"]) == pytest.approx(wilson_interval(85, 100))
+    per = out["prompt_accuracy_per_digit"]
+    assert len(per) == 10 and per[8] == 0.0 and per[2] == 0.5 and per[0] == 1.0

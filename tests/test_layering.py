@@ -2,7 +2,8 @@
 row of `ALLOWED` names (a DAG), whatever the import's spelling.
 
 Layers, bottom to top: core (errors, registry, config, io, precision, seeding, the package's
-__init__) < nn < models < diffusion < data < evaluate < tasks < train < bench < cli / __main__.
+__init__) < nn < models < diffusion < data < evaluate < security < tasks < train < export < bench < api <
+serve < cli / __main__.
 The table is stricter than the order: the blocks (`nn`) and `data` never import `models`, and
 `models` never imports `data`, `tasks`, `train`, `bench` or `cli`, although some of those sit
 below others in the order.
@@ -34,8 +35,8 @@ CORE = frozenset({"errors", "registry", "config", "io", "precision", "seeding", 
 
 # The documented order, bottom to top.
 # (`python -m duboko`, __main__, only starts the CLI: it sits on top of it.)
-ORDER = [CORE, {"nn"}, {"models"}, {"diffusion"}, {"data"}, {"evaluate"}, {"tasks"}, {"train"}, {"export"}, {"bench"},
-         {"api"}, {"cli"}, {"__main__"}]
+ORDER = [CORE, {"nn"}, {"models"}, {"diffusion"}, {"data"}, {"evaluate"}, {"security"}, {"tasks"}, {"train"},
+         {"export"}, {"bench"}, {"api"}, {"serve"}, {"cli"}, {"__main__"}]
 
 # What each package (or top-level module of the bottom layer) may import, besides itself.
 ALLOWED: dict[str, frozenset[str]] = {
@@ -45,12 +46,18 @@ ALLOWED: dict[str, frozenset[str]] = {
     "diffusion": CORE | {"nn", "models"},
     "data": CORE,  # never models (nor nn: data knows tensors, not layers)
     "evaluate": CORE | {"nn", "models", "diffusion", "data"},
-    "tasks": CORE | {"nn", "models", "diffusion", "data", "evaluate"},
-    "train": CORE | {"nn", "models", "diffusion", "data", "evaluate", "tasks"},
-    "export": CORE | {"nn", "models", "diffusion", "data", "evaluate", "tasks", "train"},  # ONNX, int8, HF GPT-2
-    "bench": CORE | {"nn", "models", "diffusion", "data", "evaluate", "tasks", "train", "export"},
-    "api": CORE | {"nn", "models", "diffusion", "data", "evaluate", "tasks", "train", "export", "bench"},  # import duboko
-    "cli": CORE | {"nn", "models", "diffusion", "data", "evaluate", "tasks", "train", "export", "bench", "api"},
+    # attacks, poisoning, the model-file scanner: above evaluate, below the tasks that train with them
+    "security": CORE | {"nn", "models", "diffusion", "data", "evaluate"},
+    "tasks": CORE | {"nn", "models", "diffusion", "data", "evaluate", "security"},
+    "train": CORE | {"nn", "models", "diffusion", "data", "evaluate", "security", "tasks"},
+    "export": CORE | {"nn", "models", "diffusion", "data", "evaluate", "security", "tasks", "train"},  # ONNX, int8, HF GPT-2
+    "bench": CORE | {"nn", "models", "diffusion", "data", "evaluate", "security", "tasks", "train", "export"},
+    "api": CORE | {"nn", "models", "diffusion", "data", "evaluate", "security", "tasks", "train", "export", "bench"},  # import duboko
+    # the web studio (FastAPI): over the whole library, under the CLI that starts it
+    "serve": CORE | {"nn", "models", "diffusion", "data", "evaluate", "security", "tasks", "train", "export", "bench",
+                     "api"},
+    "cli": CORE | {"nn", "models", "diffusion", "data", "evaluate", "security", "tasks", "train", "export", "bench", "api",
+                   "serve"},
     "__main__": CORE | {"cli"},
 }
 

@@ -112,3 +112,65 @@ def test_streamer_holds_back_partial_utf8():
     for i in (0, 1, 2):
         s(i)
     assert written == ["h", "é"]
+
+
+def _bpe():
+    from duboko.data.text import train_tokenizer
+
+    text = "héllo wörld, naïve café — ünïcödé 東京 tokyo 😀 emoji. " * 20
+    return train_tokenizer("bpe", text, vocab_size=300)
+
+
+def test_incremental_decoder_equals_full_decode_and_decodes_only_the_tail():
+    """Random id sequences of the byte-level BPE (multi-byte characters split across tokens) and
+    the char tokenizer: the incremental text equals decoding everything, and each push decodes
+    only the ids since the last complete character."""
+    from duboko.data.text import train_tokenizer
+    from duboko.nn.sampling import IncrementalDecoder
+
+    g = torch.Generator().manual_seed(0)
+    for tok in (_bpe(), train_tokenizer("char", "abc\né😀 xyz")):
+        calls = []
+
+        def decode(ids, tok=tok):
+            calls.append(len(ids))
+            return tok.decode(ids)
+
+        for _ in range(5):
+            ids = torch.randint(0, tok.vocab_size, (200,), generator=g).tolist()
+            d = IncrementalDecoder(decode)
+            for i, t in enumerate(ids):
+                assert d.push(t) == tok.decode(ids[: i + 1])
+        assert max(calls) < 20  # never the whole 200 ids
+
+
+def test_streaming_a_long_generation_does_not_re_decode_everything():
+    """TextStreamer and generate's stop check decode a bounded tail per token: the total number
+    of ids decoded grows linearly with the length, not quadratically; the text is the same."""
+    model = CountingLM(vocab=5)
+    decoded = []
+
+    def decode(ids):
+        decoded.append(len(ids))
+        return "".join("abcd\n"[i] for i in ids)
+
+    written = []
+    streamer = TextStreamer(decode, written.append, stop=["xyz"])
+    out = generate(model, [0], 600, temperature=1.0, seed=1, stop=["xyz"], decode=decode, on_token=streamer)
+    streamer.flush()
+    assert len(out) == 600 and "".join(written) == "".join("abcd\n"[i] for i in out)
+    assert max(decoded) <= 2 and sum(decoded) <= 2 * 2 * 600  # O(1) ids per token (was up to 600)
+
+
+def test_streamer_with_bpe_and_stop_string_matches_full_decode():
+    tok = _bpe()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, tok.vocab_size, (300,), generator=g).tolist()
+    full = tok.decode(ids)
+    stop = full[150:153]
+    written = []
+    s = TextStreamer(tok.decode, written.append, stop=[stop])
+    for t in ids:
+        s(t)
+    s.flush()
+    assert "".join(written) == cut_at_stop(full, [stop]) == s.text()

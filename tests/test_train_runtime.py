@@ -88,3 +88,73 @@ def test_resumed_optimizer_state_takes_the_parameters_memory_format():
         model(x).square().mean().backward()
         o.step()
     torch.testing.assert_close(twin.weight, conv.weight, rtol=0, atol=0)
+
+
+# -- the CUDA-only paths, exercised on the CPU where torch allows it ---------------------------
+
+
+def test_fp16_grad_scaler_path_takes_the_unscaled_step():
+    """The fp16 path (scale the loss, unscale before clipping, scaler.step/update) is the
+    engine's `apply_gradients` with a GradScaler; torch's CPU GradScaler runs the same code, so the
+    step must equal the plain fp32 step (the scale is a power of two: exact)."""
+    from duboko.train.engine import apply_gradients
+
+    torch.manual_seed(0)
+    a = torch.nn.Linear(4, 3)
+    b = torch.nn.Linear(4, 3)
+    b.load_state_dict(a.state_dict())
+    x, y = torch.randn(8, 4), torch.randn(8, 3)
+    oa, ob = torch.optim.SGD(a.parameters(), lr=0.1), torch.optim.SGD(b.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    apply_gradients(torch.nn.functional.mse_loss(a(x), y), a, oa, grad_clip=0.5)
+    apply_gradients(torch.nn.functional.mse_loss(b(x), y), b, ob, grad_clip=0.5, scaler=scaler)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb)
+    assert scaler.get_scale() == 2.0**10  # finite gradients: the scale stays until growth_interval
+
+
+def test_fp16_needs_cuda_and_auto_follows_the_hardware(monkeypatch):
+    from duboko.precision import best_precision, resolve_precision
+
+    with pytest.raises(DubokoError, match="fp16"):
+        resolve_precision("fp16", torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert best_precision(torch.device("cuda", 0)) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert best_precision(torch.device("cuda", 0)) == "fp32"  # e.g. a V100 or T4: no bf16, fp32 (fp16 is opt-in)
+
+
+def test_configure_on_cuda_turns_on_tf32_and_cudnn_autotuning(monkeypatch):
+    """What `configure` does for a CUDA device, checked without one (set_device is stubbed)."""
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(d))
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    try:
+        applied = runtime.configure(TrainConfig(), torch.device("cuda", 0))
+        assert calls == [torch.device("cuda", 0)] and "retain_cpu_memory" not in applied
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32 and torch.backends.cudnn.benchmark
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = flags
+
+
+def test_pinned_non_blocking_copy_to_cuda():
+    """Pinned host memory and non-blocking host-to-device copies (the language-model task's
+    batches): need a GPU to mean anything."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU here: pinned memory and non-blocking copies only exist with one")
+    x = torch.arange(1024).pin_memory()
+    y = x.to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    assert x.is_pinned() and torch.equal(y.cpu(), x)
+
+
+def test_hardware_features_line_names_the_cpu_kind_and_bf16(monkeypatch):
+    from duboko.precision import cpu_bf16_native, hardware_features
+
+    line = hardware_features(torch.device("cpu"))
+    assert line.startswith("CPU ") and line.endswith("native bf16: " + ("yes" if cpu_bf16_native() else "no"))
+    assert torch.backends.cpu.get_cpu_capability() in line
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert hardware_features(torch.device("cuda", 0)) == "GPU NVIDIA H200, bf16: yes"

@@ -165,3 +165,44 @@ def test_vocab_size_override_goes_to_the_tokenizer_and_seq_len_is_checked(tmp_pa
     with pytest.raises(DubokoError, match=r"seq_len=256 .*block_size=128"):
         cfg = C.resolve("shakespeare-gpt", ["seq_len=256"])
         get_task(cfg.task)(cfg, torch.device("cpu")).setup()
+
+
+@pytest.mark.parametrize("positional, activation, bias", [("learned", "gelu", True), ("sinusoidal", "gelu_tanh", False),
+                                                          ("none", "gelu", True)])
+def test_fused_one_token_step_equals_the_general_path(positional, activation, bias):
+    """The fused decoding step (one QKV matmul per layer, functional calls) computes the same
+    logits and cache as the blocks' own forward, token after token, for a batch of two."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=19, block_size=10, n_layer=3, n_head=2, n_embd=16, positional=positional,
+                    activation=activation, bias=bias)
+    model = GPT(cfg).eval()
+    idx = torch.randint(0, 19, (2, 9))
+    with torch.no_grad():
+        _, fast = model(idx[:, :3])
+        _, slow = model(idx[:, :3])
+        for t in range(3, 9):
+            lf, fast = model(idx[:, t : t + 1], fast)
+            assert model._fast_decode_ok()
+            model.train()  # training mode takes the general path (dropout would act there)
+            assert not model._fast_decode_ok()
+            ls, slow = model(idx[:, t : t + 1], slow)
+            model.eval()
+            torch.testing.assert_close(lf, ls, atol=1e-5, rtol=1e-5)
+            for (kf, vf), (ks, vs) in zip(fast.layers, slow.layers):
+                torch.testing.assert_close(kf, ks, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(vf, vs, atol=1e-5, rtol=1e-5)
+            assert fast.offset == slow.offset == t + 1 and torch.equal(fast.tokens, slow.tokens)
+
+
+def test_fused_qkv_follows_weight_updates():
+    """The stacked QKV weights are rebuilt after an optimizer step changes the projections."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8)).eval()
+    idx = torch.randint(0, 11, (1, 4))
+    with torch.no_grad():
+        _, state = model(idx[:, :3])
+        model(idx[:, 3:4], state)  # builds the fused cache
+        model.decoder.layers[0].self_attn.k_proj.weight.add_(0.5)  # in place, as an optimizer does
+        fast, _ = model(idx[:, 3:4], state)
+        full, _ = model(idx)  # the general path, no cache
+    torch.testing.assert_close(fast[:, -1], full[:, -1], atol=1e-5, rtol=1e-5)

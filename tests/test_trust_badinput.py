@@ -375,3 +375,28 @@ def test_full_disk_loses_nothing_and_resume_recovers(trained, tmp_path, capsys):
         assert main(["train", "--resume", str(run), "--set", "epochs=2", "--quiet"]) == 0
         capsys.readouterr()
         assert main(["verify", str(run)]) == 0
+
+
+def test_predict_caps_pixels_by_the_model_input_size(trained, tmp_path, capsys):
+    """A picture far larger than the model's input is refused from its header (nothing decoded):
+    at most (128 · side)² pixels, within [4096², 8192²]. A float TIFF of a few KB claiming
+    thousands of pixels a side would otherwise be decoded (and copied as float64) at gigabytes."""
+    from duboko.config import resolve
+    from duboko.io import image_pixel_cap
+
+    side = resolve(trained).data.image_size
+    cap = image_pixel_cap(side)
+    assert cap == min(8192 ** 2, max(4096 ** 2, (128 * side) ** 2))
+    assert image_pixel_cap(28) == 4096 ** 2 and image_pixel_cap(48) == 6144 ** 2 and image_pixel_cap(224) == 8192 ** 2
+    wide = int(cap ** 0.5) + 1
+    big = tmp_path / "big.tiff"
+    Image.new("F", (wide, wide)).save(big, compression="tiff_deflate")
+    assert big.stat().st_size < 2_000_000
+    assert main(["predict", str(trained), str(big)]) == 2
+    line = _one_error_line(capsys)
+    assert f"{wide}x{wide}" in line and f"{cap:,}" in line and "resize" in line
+    # Just within the cap (a long strip, so the test decodes little): accepted.
+    strip = tmp_path / "strip.png"
+    Image.new("L", (cap // 64, 64)).save(strip)
+    assert main(["predict", str(trained), str(strip), "--json"]) == 0
+    capsys.readouterr()

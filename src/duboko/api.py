@@ -387,9 +387,9 @@ class Run:
     def task(self) -> Any:
         return self._load().task
 
-    def _need(self, task: str, what: str) -> Any:
+    def _need(self, task: str, what: str, *also: str) -> Any:
         loaded = self._load()
-        if loaded.config.task != task:
+        if loaded.config.task not in (task, *also):
             raise DubokoError(f"{self.run_dir} is a {loaded.config.task!r} run; {what} needs a {task!r} run")
         return loaded
 
@@ -533,7 +533,7 @@ class Run:
         Example (needs a trained diffusion run):
             images = duboko.load("runs/t2i").sample("a handwritten three", n=16, guidance=4.0)
         """
-        loaded = self._need("diffusion", "sample")
+        loaded = self._need("diffusion", "sample", "ldm")
         task = loaded.task
         if not 1 <= n <= MAX_SAMPLES:
             raise DubokoError(f"n must be in 1..{MAX_SAMPLES}, got {n}")

@@ -60,6 +60,9 @@ class TrainConfig:
     nonfinite: str = "stop"  # stop | skip: what to do on a NaN/inf loss
     eval_every: int = 1  # validation pass every N epochs
     report: bool = True  # write report.html and MODEL_CARD.md into the run folder at the end
+    strategy: str = "ddp"  # ddp (replicate the model per rank) | fsdp (shard it: torch's fully_shard, FSDP2)
+    fsdp_cpu_offload: bool = False  # fsdp on cuda: keep sharded parameters and optimizer state in CPU memory
+    grad_accum_steps: int = 1  # micro-batches per optimizer step; train.batch_size stays the step's whole batch
 
 
 @dataclass
@@ -98,11 +101,11 @@ def parse_value(text: str) -> Any:
         return None
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: "[[[[…" nested past the stack
         pass
     try:
         return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         return text
 
 
@@ -228,6 +231,10 @@ RESUME_SAFE = (
     "train.log_grad_norms",
     "train.device",
     "train.num_threads",
+    # Where the weights live, not what a step computes (an elastic resume changes the world size
+    # the same way): results stay equal to float tolerance, bit-exact only with the same setting.
+    "train.strategy",
+    "train.fsdp_cpu_offload",
     "data.data_dir",  # where the same data lives (a moved folder)
     "data.path",
 )
@@ -381,6 +388,9 @@ def _data_dir_key(task_cls: type) -> str:
 def _build(raw: dict[str, Any], name: str, pairs: list[tuple[str, Any]], task_cls: type) -> RunConfig:
     from duboko import registry
 
+    for section in ("model", "data", "train"):
+        if not isinstance(raw.get(section, {}), dict):
+            raise DubokoError(f"[{section}] must be a table of key = value, got {type(raw[section]).__name__}")
     raw = apply_overrides(raw, pairs, task_cls)
     model_section = dict(raw["model"])
     model_name = model_section.pop("name", None)
@@ -439,6 +449,7 @@ CHOICES = {
     "loss": ("auto", "cross_entropy", "bce", "mse"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "nonfinite": ("stop", "skip"),
+    "strategy": ("ddp", "fsdp"),
 }
 
 
@@ -468,4 +479,9 @@ def validate_train(cfg: TrainConfig) -> None:
             raise DubokoError(f"train.{key} must be in [{lo:g}, {hi:g}], got {getattr(cfg, key)!r}")
     require_at_least("train", cfg, 0, "weight_decay", "grad_clip", "epochs", "max_steps", "warmup_steps", "num_threads",
                      "checkpoint_every")
-    require_at_least("train", cfg, 1, "log_every")
+    require_at_least("train", cfg, 1, "log_every", "grad_accum_steps")
+    if cfg.batch_size % cfg.grad_accum_steps:
+        raise DubokoError(
+            f"train.batch_size={cfg.batch_size} must be divisible by train.grad_accum_steps={cfg.grad_accum_steps} "
+            "(batch_size is the whole batch of one optimizer step, cut into grad_accum_steps micro-batches)"
+        )

@@ -31,8 +31,31 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp alone gives 0600
 
 
+# A folder holding these is a run folder (see duboko.train.run and duboko.train.lock).
+_RUN_FOLDER_MARKS = ("manifest.json", ".duboko.lock")
+
+
+def check_no_symlink_in_run_folder(path: str | os.PathLike) -> None:
+    """Refuse a write whose path goes through a symlinked sub-folder of a run folder (`run/plots`
+    -> `/elsewhere`): writes into a run stay inside it. The nearest enclosing run folder (one
+    holding manifest.json or its lock) is found without resolving links; the run folder itself
+    may be reached through a link (the user's choice), and a link in place of the file itself
+    is replaced, not followed (os.replace)."""
+    parts = Path(os.path.abspath(path)).parent
+    below: list[Path] = []
+    for folder in [parts, *parts.parents]:
+        if any(os.path.lexists(folder / mark) for mark in _RUN_FOLDER_MARKS) and not folder.is_symlink():
+            for sub in below:
+                if sub.is_symlink():
+                    raise DubokoError(f"refusing to write {path}: {sub} is a symlink inside run folder {folder}, "
+                                      "and writes never follow links out of a run folder")
+            return
+        below.append(folder)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
+    check_no_symlink_in_run_folder(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -146,6 +169,40 @@ def read_file_bytes(path: str | os.PathLike, label: str = "") -> bytes:
     file, a folder, a FIFO or an unreadable file is one clear DubokoError (`label`, e.g.
     "text file ", prefixes the path in the message)."""
     return read_regular_file(path, MAX_TENSOR_BYTES, label)
+
+
+# Images given to a model are decoded, then resized to its input: a picture far larger than the
+# input is wasted work at best and a decompression bomb at worst (a 950 KB TIFF can claim
+# gigapixels). Up to (PIXEL_SCALE · side)² pixels for a model of `side`-pixel inputs, never
+# less than MIN_IMAGE_PIXELS (a 16-megapixel phone photo of a digit is fine for a 28-pixel
+# model) nor more than MAX_IMAGE_PIXELS.
+PIXEL_SCALE = 128
+MIN_IMAGE_PIXELS = 4096 * 4096
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
+def image_pixel_cap(side: int) -> int:
+    """The most pixels `predict` decodes for a model whose inputs are side × side."""
+    return min(MAX_IMAGE_PIXELS, max(MIN_IMAGE_PIXELS, (PIXEL_SCALE * max(1, int(side))) ** 2))
+
+
+def check_image_pixels(path: str | os.PathLike, side: int) -> None:
+    """Read only the image's header and refuse one with more pixels than `image_pixel_cap(side)`
+    (the message gives the size, the cap and how to fix it). A file PIL cannot identify is left
+    to the decoder, which says so in its own words."""
+    from PIL import Image, UnidentifiedImageError
+
+    cap = image_pixel_cap(side)
+    try:
+        with Image.open(path) as img:  # lazy: parses the header, decodes nothing
+            width, height = img.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return
+    if width * height > cap:
+        raise DubokoError(
+            f"image {str(path)!r} is {width}x{height} = {width * height:,} pixels; at most {cap:,} for a model of "
+            f"{side}x{side} inputs: resize it first"
+        )
 
 
 def looks_like_pickle(head: bytes) -> bool:

@@ -34,6 +34,17 @@ def best_precision(device: torch.device) -> str:
     return "fp32"
 
 
+def hardware_features(device: torch.device) -> str:
+    """One line on what the precision choice rests on, for `duboko train`'s banner, e.g.
+    "CPU AVX512, native bf16: yes" or "GPU NVIDIA H200, bf16: yes"."""
+    if device.type == "cuda":
+        return f"GPU {torch.cuda.get_device_name(device)}, bf16: {'yes' if torch.cuda.is_bf16_supported() else 'no'}"
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown")()
+    if device.type == "cpu":
+        return f"CPU {capability}, native bf16: {'yes' if cpu_bf16_native() else 'no'}"
+    return f"{device.type}, CPU {capability}"
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """The precision a run really uses: `auto` resolved for `device`, others checked."""
     if precision == "auto":

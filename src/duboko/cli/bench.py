@@ -85,6 +85,76 @@ def register(sub) -> None:
             f.add_argument("--ddim-steps", type=int, default=50, help="DDIM steps (default 50)")
         f.set_defaults(func=cmd_family, family=family)
 
+    g = bsub.add_parser("generate", help="text generation speed: tokens/s and time to first token, batch 1, KV cache",
+                        description="Interactive generation through `generate`'s own sampler, batch 1: time to first "
+                        "token and decode tokens/s with the KV cache (GPT) or carried hidden state (LSTM), and without "
+                        "it. Models are built at each recipe's size (untrained: speed does not depend on the weights) "
+                        "or loaded from trained runs with --run.",
+                        epilog="examples:\n  duboko bench generate\n  duboko bench generate --run runs/gpt --json\n"
+                        "  duboko bench generate --recipe shakespeare-gpt --threads 2 --new-tokens 200",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    g.add_argument("--recipe", action="append", default=[], help="language-model recipe (repeatable; default "
+                   "shakespeare-gpt and shakespeare-lstm)")
+    g.add_argument("--run", action="append", default=[], help="a trained language-model run folder instead (repeatable)")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of every recipe, e.g. model.n_layer=6 (repeatable)")
+    g.add_argument("--prompt-tokens", type=int, default=16, help="prompt length in tokens (default 16)")
+    g.add_argument("--new-tokens", type=int, default=100, help="tokens generated per repeat (default 100)")
+    g.add_argument("--repeats", type=int, default=3, help="timed generations per model, median reported (default 3)")
+    g.add_argument("--no-cache-tokens", type=int, default=50, help="tokens of the uncached comparison (0: skip; default 50)")
+    g.add_argument("--precision", default="fp32", help="fp32 | bf16 | auto (default fp32: at batch 1 the matrices "
+                   "are too small for bf16 to pay, docs/benchmarks.md)")
+    g.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: batch-1 decoding is a chain of tiny "
+                   "ops that a second thread only slows down; 0: torch's default)")
+    g.add_argument("--target", type=float, default=1000.0, help="tokens/s target shown in the table (default 1000)")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--json", action="store_true", help="print the full JSON record instead of the table")
+    g.add_argument("--out", metavar="FILE", help="also write the JSON record to FILE (atomically)")
+    g.set_defaults(func=cmd_generate)
+
+    s = bsub.add_parser("sample", help="diffusion sampling speed: DDIM-50 16-image grid seconds and images/s",
+                        description="Sampling through the diffusion task's own `generate` (classifier-free guidance for "
+                        "conditioned recipes): seconds for a grid of --images images with DDIM --steps, and images/s. "
+                        "UNets are built at each recipe's size (untrained: speed does not depend on the weights) or "
+                        "loaded from trained runs with --run.",
+                        epilog="examples:\n  duboko bench sample\n  duboko bench sample --run runs/diffusion --json\n"
+                        "  duboko bench sample --precision fp32 --threads 2",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--recipe", action="append", default=[], help="diffusion recipe (repeatable; default mnist-diffusion "
+                   "and mnist-diffusion-class)")
+    s.add_argument("--run", action="append", default=[], help="a trained diffusion run folder instead (repeatable)")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of every recipe (repeatable)")
+    s.add_argument("--images", type=int, default=16, help="images per grid, one batch (default 16)")
+    s.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    s.add_argument("--repeats", type=int, default=2, help="timed grids per model, median reported (default 2)")
+    s.add_argument("--precision", default="auto", help="auto (bf16 only where native) | fp32 | bf16 (default auto)")
+    s.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    s.add_argument("--channels-last", action="store_true", help="channels-last model and inputs")
+    s.add_argument("--target", type=float, default=5.0, help="grid-seconds target shown in the table (default 5)")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    s.add_argument("--json", action="store_true", help="print the full JSON record instead of the table")
+    s.add_argument("--out", metavar="FILE", help="also write the JSON record to FILE (atomically)")
+    s.set_defaults(func=cmd_sample)
+
+    gp = bsub.add_parser("gpu", help="the prepared GPU record: MY_NET 5 epochs, time to 99.2%%, GPT tokens/s + MFU, "
+                         "diffusion images/s",
+                         description="One run on a CUDA GPU that records, into one JSON: MY_NET trained for the "
+                         "primer's 5 epochs (mnist-cnn), time to 99.2% test accuracy (mnist-cnn-fast), GPT training "
+                         "tokens/s and model FLOPs utilisation (shakespeare-gpt), and DDIM-50 sampling images/s. "
+                         "Refuses to run without CUDA unless --device cpu (a dry run: --quick keeps it to seconds).",
+                         epilog="examples:\n  duboko bench gpu --out gpu.json\n  duboko bench gpu --device cpu --quick",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    gp.add_argument("--device", default="cuda", help="cuda | cuda:N | cpu (a dry run) (default cuda)")
+    gp.add_argument("--quick", action="store_true", help="tiny sizes everywhere (checks the script, measures nothing useful)")
+    gp.add_argument("--peak-tflops", type=float, default=0.0,
+                    help="the device's dense bf16 peak for MFU (default: looked up from the GPU's name)")
+    gp.add_argument("--skip", action="append", default=[], choices=["mnist", "accuracy", "gpt", "sample"],
+                    help="leave a part out (repeatable)")
+    gp.add_argument("--json", action="store_true", help="print the full JSON record instead of the table")
+    gp.add_argument("--out", metavar="FILE", help="also write the JSON record to FILE (atomically, after every part)")
+    gp.set_defaults(func=cmd_gpu)
+
     i = bsub.add_parser("inference", help="eager fp32 vs ONNX Runtime fp32 vs int8: latency, throughput, accuracy",
                         description="Inference of a trained run: batch-1 latency (median, p95) and batch-64 "
                         "throughput for eager PyTorch fp32, ONNX Runtime fp32 and ONNX Runtime int8 (dynamic "
@@ -208,4 +278,43 @@ def cmd_inference(args) -> int:
 
         atomic_write_json(args.out, result)
     print(json.dumps(result, indent=2) if args.json else inference.format_report(result))
+    return 0
+
+
+def _print_record(args, result: dict, text: str) -> None:
+    if args.out:
+        from duboko.io import atomic_write_json
+
+        atomic_write_json(args.out, result)
+    print(json.dumps(result, indent=2) if args.json else text)
+
+
+def cmd_generate(args) -> int:
+    from duboko.bench import generate
+
+    result = generate.run_generate(
+        recipes=args.recipe or None, runs=args.run or None, overrides=args.overrides, prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens, repeats=args.repeats, no_cache_tokens=args.no_cache_tokens, precision=args.precision,
+        device=args.device, threads=args.threads, target=args.target)
+    _print_record(args, result, generate.format_report(result))
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from duboko.bench import sample
+
+    result = sample.run_sample(
+        recipes=args.recipe or None, runs=args.run or None, overrides=args.overrides, images=args.images,
+        steps=args.steps, repeats=args.repeats, precision=args.precision, device=args.device, threads=args.threads,
+        channels_last=args.channels_last, target_seconds=args.target)
+    _print_record(args, result, sample.format_report(result))
+    return 0
+
+
+def cmd_gpu(args) -> int:
+    from duboko.bench import gpu
+
+    result = gpu.run_gpu(device=args.device, quick=args.quick, peak_tflops=args.peak_tflops, skip=args.skip,
+                         out=args.out)
+    _print_record(args, result, gpu.format_report(result))
     return 0

@@ -40,8 +40,8 @@ def register(sub) -> None:
                        "classification report and confusion matrix (or the family's own metrics).")
     p.add_argument("run", help="run folder written by `duboko train`")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    p.add_argument("--data-dir", help="folder with the data files")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
+    p.add_argument("--data-dir", help="folder with the data files, if they moved since training")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="classify image files with a trained run",
@@ -50,7 +50,7 @@ def register(sub) -> None:
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--top", type=int, default=3, help="how many classes to show per image (default 3)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     p.add_argument("--engine", choices=["torch", "onnxruntime"], default="torch",
                    help="torch (the run's weights) | onnxruntime (the exported graph, same preprocessing)")
     p.add_argument("--onnx", metavar="FILE", help="with --engine onnxruntime: the exported file (default RUN/model.onnx)")
@@ -125,6 +125,7 @@ def cmd_eval(args) -> int:
 
 def cmd_predict(args) -> int:
     from duboko.errors import DubokoError
+    from duboko.io import check_image_pixels
     from duboko.train.run import load_run
 
     if args.top < 1:
@@ -132,6 +133,9 @@ def cmd_predict(args) -> int:
     loaded = load_run(args.run, args.device, setup_task=False)
     if not hasattr(loaded.task, "predict_files"):
         raise DubokoError(f"run {args.run!r} is a {loaded.config.task} run; `predict` needs an image-classification run")
+    side = int(getattr(loaded.config.data, "image_size", 28))  # the model's input side, in pixels
+    for image in args.images:  # headers only: an image is decoded once, by predict_files
+        check_image_pixels(image, side)
     if args.engine == "onnxruntime":
         from duboko.export.onnx import predict_files_onnx
 

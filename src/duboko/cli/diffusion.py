@@ -14,6 +14,7 @@ EXAMPLES_SAMPLE = """examples:
   duboko sample runs/ddpm-class --label 7 --n 16 --guidance 3.0 --out sevens.png
   duboko sample runs/t2i --prompt "a handwritten three" --n 16 --guidance 4.0 --out threes.png
   duboko sample runs/t2i --metrics --sampler ddpm --steps 1000 --n 100 --json   # prompt_accuracy, fd_mnist
+  duboko sample runs/t2i --metrics --n 1000 --seeds 0,1,2   # each seed's accuracy (95 % interval), the minimum
 """
 
 
@@ -32,6 +33,10 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, help="denoising steps (default: the run's sample_steps; DDPM uses 1000 unless given)")
     p.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic, 1 DDPM-like (default: the run's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
+    p.add_argument("--seeds", help="with --metrics: comma-separated seeds (e.g. 0,1,2); prints each seed's "
+                   "figures and the minimum prompt_accuracy")
+    p.add_argument("--batch-size", type=int, default=0,
+                   help="images per denoising batch (default: the run's data.eval_batch_size); bounds memory")
     p.add_argument("--label", type=int, help="digit to draw (label-conditioned runs)")
     p.add_argument("--prompt", help="text prompt (text-to-image runs), e.g. \"a handwritten three\"")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (1: none; default: the run's)")
@@ -80,7 +85,7 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_trajectory)
 
 
-DIFFUSION = ("diffusion",)  # the runs these commands read
+DIFFUSION = ("diffusion", "ldm")  # the runs these commands read (a latent run decodes through its VAE)
 
 
 def _conditions(task, label: int | None, prompt: str | None, n: int) -> dict:
@@ -126,6 +131,9 @@ def check_sampling_flags(args) -> None:
         raise DubokoError(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta}")
     if args.guidance is not None and not 0.0 <= args.guidance <= MAX_GUIDANCE:
         raise DubokoError(f"--guidance must be in [0, {MAX_GUIDANCE:g}] (1: no guidance), got {args.guidance}")
+    batch = getattr(args, "batch_size", None)
+    if batch is not None and not 0 <= batch <= MAX_SAMPLES:
+        raise DubokoError(f"--batch-size must be in 0..{MAX_SAMPLES:,} (0: the run's), got {batch}")
     nrow = getattr(args, "nrow", None)
     if nrow is not None and not 0 <= nrow <= MAX_SAMPLES:
         raise DubokoError(f"--nrow must be in 0..{MAX_SAMPLES:,} (0: automatic), got {nrow}")
@@ -153,45 +161,90 @@ def cmd_sample(args) -> int:
     loaded = load_run_of(args.run, DIFFUSION, args.device)
     task, model = loaded.task, loaded.model
     steps = _steps(args, task)
+    seeds = parse_seeds(args.seeds, args.seed)
+    if args.seeds and not args.metrics:
+        raise DubokoError("--seeds is for --metrics (each seed's prompt_accuracy); use --seed for a grid")
+    if args.batch_size:
+        task.config.data.eval_batch_size = args.batch_size
     if args.metrics:
         if args.label is not None or args.prompt:
             raise DubokoError("--metrics samples every digit in turn; drop --label/--prompt")
-        bar = tqdm(total=args.n, desc="sampling", unit="img", file=sys.stderr, disable=args.json)
-        done = [0]
+        per_seed = []
+        for seed in seeds:
+            bar = tqdm(total=args.n, desc=f"sampling (seed {seed})", unit="img", file=sys.stderr, disable=args.json)
+            done = [0]
 
-        def progress(i, total):
-            bar.update(i - done[0])
-            done[0] = i
+            def progress(i, total):
+                bar.update(i - done[0])
+                done[0] = i
 
-        metrics = task.sample_quality(model, args.n, sampler=args.sampler, steps=steps, guidance=args.guidance,
-                                      eta=args.eta, seed=args.seed, progress=progress)
-        bar.close()
-        images = metrics.pop("_images")
-        save_grid(images[:100], args.out, nrow=10)
-        metrics = {"run": args.run, **metrics, "grid": args.out}
+            metrics = task.sample_quality(model, args.n, sampler=args.sampler, steps=steps, guidance=args.guidance,
+                                          eta=args.eta, seed=seed, progress=progress)
+            bar.close()
+            images = metrics.pop("_images")
+            if seed == seeds[0]:
+                save_grid(images[:100], args.out, nrow=10)
+            per_seed.append(metrics)
+        out = {"run": args.run, **per_seed[0], "grid": args.out}
+        if len(seeds) > 1:
+            out = {"run": args.run, "seeds": {str(s): m for s, m in zip(seeds, per_seed)}, "grid": args.out}
+            accs = [m["prompt_accuracy"] for m in per_seed if "prompt_accuracy" in m]
+            if accs:
+                out["prompt_accuracy_min"] = min(accs)
+                out["prompt_accuracy_low_min"] = min(m["prompt_accuracy_low"] for m in per_seed)
+            out["fd_mnist_max"] = max(m["fd_mnist"] for m in per_seed)
         if args.json:
-            print(json.dumps(metrics))
-        else:
-            for k, v in metrics.items():
-                print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+            print(json.dumps(out))
+            return 0
+        from duboko.tasks.diffusion import quality_report
+
+        for seed, m in zip(seeds, per_seed):
+            if len(seeds) > 1:
+                print(f"-- seed {seed}")
+            print(quality_report(m), end="")
+        if len(seeds) > 1 and "prompt_accuracy_min" in out:
+            print(f"prompt_accuracy over seeds {', '.join(map(str, seeds))}: "
+                  + ", ".join(f"{m['prompt_accuracy']:.4f}" for m in per_seed)
+                  + f"; minimum {out['prompt_accuracy_min']:.4f} (lowest interval bound {out['prompt_accuracy_low_min']:.4f})")
+        print(f"grid: {args.out}")
         return 0
     cond = _conditions(task, args.label, args.prompt, args.n)
-    bar = tqdm(total=1, desc="denoising", unit="step", file=sys.stderr)
+    bar = tqdm(total=args.n, desc="denoising", unit="img", file=sys.stderr)
+    done = [0]
 
     def progress(i, total):
-        bar.total = total  # the number of steps the sampler takes
-        bar.update(1)
+        bar.update(i - done[0])
+        done[0] = i
 
     t0 = time.perf_counter()
-    result = task.generate(model, args.n, sampler=args.sampler, steps=steps, guidance=args.guidance, eta=args.eta,
-                           seed=args.seed, progress=progress, **cond)
+    # In batches of data.eval_batch_size (or --batch-size): memory stays bounded for any --n.
+    images = task.generate_batched(model, args.n, sampler=args.sampler, steps=steps, guidance=args.guidance,
+                                   eta=args.eta, seed=args.seed, progress=progress, **cond)
     bar.close()
     seconds = time.perf_counter() - t0
     nrow = args.nrow or (10 if (task.conditioning != "none" and args.label is None and args.prompt is None) else 8)
-    save_grid(result.images, args.out, nrow=nrow)
+    save_grid(images, args.out, nrow=nrow)
     print(f"{args.n} image(s) -> {args.out}  ({args.sampler or task.config.data.sampler}, "
-          f"{bar.total} steps, {seconds:.1f}s on {loaded.device})")
+          f"{steps or task.config.data.sample_steps} steps, {seconds:.1f}s on {loaded.device})")
     return 0
+
+
+MAX_SEEDS = 20
+
+
+def parse_seeds(text: str | None, default: int) -> list[int]:
+    """--seeds "0,1,2" -> [0, 1, 2] (distinct, at most MAX_SEEDS); None -> [default]."""
+    from duboko.errors import DubokoError
+
+    if not text:
+        return [default]
+    try:
+        seeds = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise DubokoError(f"--seeds expects comma-separated integers like 0,1,2, got {text!r}") from exc
+    if not 1 <= len(seeds) <= MAX_SEEDS or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise DubokoError(f"--seeds needs 1..{MAX_SEEDS} distinct non-negative seeds, got {text!r}")
+    return seeds
 
 
 def cmd_noising(args) -> int:

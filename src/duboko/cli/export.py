@@ -11,6 +11,12 @@ EPILOG_EXPORT = """examples:
   duboko export runs/gpt --format onnx --out gpt.onnx          dynamic batch and sequence length
   duboko export runs/cnn --format onnx --quantize int8 --out cnn-int8.onnx
 
+What is exported (one graph each, dynamic batch): image classifiers (images -> logits); RNN,
+LSTM and GRU language models (tokens and state -> logits and state, dynamic length; the tanh RNN
+as its equivalent GRU); the GPT without cache (tokens -> logits, 2 <= T <= block_size); the
+diffusion denoiser step (noisy images, timesteps[, labels] -> prediction; the sampler loop stays
+with the caller). Not yet: seq2seq, text-conditioned diffusion.
+
 The graph runs in ONNX Runtime on random and real inputs at two batch sizes (and two sequence
 lengths) before it is written; a max abs difference above --tolerance writes nothing."""
 
@@ -24,7 +30,7 @@ def register(sub) -> None:
     p.add_argument("--format", default="onnx", choices=["onnx"], help="output format (onnx)")
     p.add_argument("--out", help="output file (default RUN/model.onnx)")
     p.add_argument("--quantize", choices=["none", "int8"], default="none", help="int8: dynamic quantisation of Linear/LSTM/GRU weights")
-    p.add_argument("--tolerance", type=float, default=None, help="largest allowed max abs difference to PyTorch (default 1e-4)")
+    p.add_argument("--tolerance", type=float, default=None, help="largest allowed max abs difference to PyTorch, a finite number > 0 (default 1e-4)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_export)

@@ -141,6 +141,9 @@ def _show(token: str) -> str:
 
 
 def cmd_gradflow(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
     from duboko.evaluate.gradflow import gradient_by_distance, plot_gradient_flow
     from duboko.io import atomic_write_json
     from duboko.train.verify import load_run_of
@@ -152,7 +155,8 @@ def cmd_gradflow(args: argparse.Namespace) -> int:
     for run in args.runs:
         loaded = load_run_of(run, LANGUAGE_MODEL, args.device)
         loaded.task._ensure_data()
-        ids = loaded.task.val_ids
+        # (a token-folder run's val_ids is a read-only memmap: a bounded copy as a tensor)
+        ids = torch.as_tensor(np.asarray(loaded.task.val_ids[: 1 << 22], dtype=np.int64))
         if len(ids) < T + 2:
             raise DubokoError(f"{run}: validation text has {len(ids)} tokens, fewer than --steps {T}")
         by_distance = gradient_by_distance(loaded.model, ids, T, args.batch, args.seed)  # index k = T-1-t

@@ -49,6 +49,10 @@ def _conditioning(model: nn.Module, cond: torch.Tensor | None, guided: bool) -> 
     return {"cond": torch.cat([cond, null]) if guided else cond}
 
 
+def _clamp(x: torch.Tensor, bound: float | None) -> torch.Tensor:
+    return x if bound is None else x.clamp(-bound, bound)
+
+
 @torch.no_grad()
 def sample(
     model: nn.Module,
@@ -65,6 +69,7 @@ def sample(
     keep_every: int = 0,
     progress: Callable[[int, int], None] | None = None,
     use_clipped_model_output: bool = True,
+    output_range: float | None = 1.0,
 ) -> SampleResult:
     """Draw `num_images` samples. `cond`: labels (N,) or prompt tokens (N, L) for conditioned
     models (None: unconditional). `guidance` > 1 applies classifier-free guidance (needs `cond`).
@@ -72,7 +77,9 @@ def sample(
     initial noise and any sampler noise come from `generator` (CPU), so a seed gives the same
     images on any device up to float rounding. `use_clipped_model_output` (DDIM): re-derive ε̂
     from the clipped x̂_0, as GLIDE does; without it a large guidance scale drives the samples to
-    saturated noise (measured: see docs/diffusion.md)."""
+    saturated noise (measured: see docs/diffusion.md). `output_range`: the result (and the kept
+    x̂_0) is clamped to [-range, range]; images 1, a latent diffusion run its latent bound (None:
+    no clamp)."""
     cfg = getattr(model, "config", None)
     if image_shape is None:
         if cfg is None:
@@ -102,14 +109,14 @@ def sample(
         if keep:
             trajectory.append((t, x.detach().cpu()))
             x0, _ = scheduler.predict_original_and_noise(out, t, x)
-            predictions.append((t, x0.clamp(-1, 1).cpu()))
+            predictions.append((t, _clamp(x0, output_range).cpu()))
         if isinstance(scheduler, DDIMScheduler):
             x = scheduler.step(out, t, x, eta=eta, generator=generator, use_clipped_model_output=use_clipped_model_output)
         else:
             x = scheduler.step(out, t, x, generator=generator)
         if progress is not None:
             progress(i + 1, len(steps))
-    images = x.clamp(-1, 1)
+    images = _clamp(x, output_range)
     if keep_every:
         trajectory.append((-1, images.cpu()))
     return SampleResult(images, trajectory, predictions)

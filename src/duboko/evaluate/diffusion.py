@@ -5,10 +5,13 @@
 - The reverse (denoising) process of one sample: x_t and the network's estimate of the clean
   image x̂_0 at the steps that `duboko.diffusion.pipeline.sample(keep_every=...)` kept
   (`plot_trajectory`).
+- How sure an accuracy over N samples is: the 95 % Wilson interval (`wilson_interval`,
+  `accuracy_summary`, with the accuracy for each asked-for digit).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -87,3 +90,44 @@ def plot_trajectory(result: SampleResult, path: str | Path, title: str = "") -> 
                     ax.set_title(label, fontsize=8)
                 if c == 0:
                     ax.set_ylabel("x_t" if r == 0 else "x̂_0", fontsize=9)
+
+
+# ---------------------------------------------------------------------------------------------
+# Accuracy with its uncertainty.
+
+WILSON_Z95 = 1.959963984540054  # the standard normal's 97.5 % quantile: a two-sided 95 % interval
+
+
+def wilson_interval(correct: int, total: int, z: float = WILSON_Z95) -> tuple[float, float]:
+    """The Wilson score interval (Wilson 1927) of a proportion correct/total:
+
+        centre = (p̂ + z²/2n) / (1 + z²/n),  half = z / (1 + z²/n) · √(p̂(1-p̂)/n + z²/4n²)
+
+    Unlike the normal approximation p̂ ± z√(p̂(1-p̂)/n) it stays inside [0, 1] and does not
+    collapse to a point at p̂ = 0 or 1, which matters for accuracies near 1."""
+    if total <= 0 or not 0 <= correct <= total:
+        raise DubokoError(f"need 0 <= correct <= total and total > 0, got correct={correct}, total={total}")
+    n, p = float(total), correct / total
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def accuracy_summary(preds: torch.Tensor, labels: torch.Tensor, num_classes: int = 10) -> dict:
+    """prompt_accuracy, its 95 % Wilson interval and the accuracy for each asked-for class.
+    preds, labels: (N,) ints."""
+    preds, labels = preds.long().cpu(), labels.long().cpu()
+    hits = preds == labels
+    correct, total = int(hits.sum()), len(labels)
+    low, high = wilson_interval(correct, total)
+    per_class = []
+    for c in range(num_classes):
+        asked = labels == c
+        per_class.append(float(hits[asked].double().mean()) if asked.any() else float("nan"))
+    return {
+        "prompt_accuracy": correct / total,
+        "prompt_accuracy_low": low,
+        "prompt_accuracy_high": high,
+        "prompt_accuracy_per_digit": per_class,
+    }

@@ -30,6 +30,10 @@ TASK_TYPES = {
     "language-model": "text-generation",
     "seq2seq": "text2text-generation",
     "diffusion": "text-to-image",
+    "ldm": "text-to-image",
+    "vae": "image-to-image",
+    "adversarial": "image-classification",
+    "backdoor": "image-classification",
 }
 INTENDED_USE = {
     "image-classification": "Classifying small grey images like those it was trained on (28×28 digits or clothing).",
@@ -37,6 +41,10 @@ INTENDED_USE = {
     "language-model": "Generating text in the style of its training corpus, and studying next-token predictions.",
     "seq2seq": "Rewriting inputs of the kind it was trained on (e.g. numbers written out in words).",
     "diffusion": "Sampling small grey images like its training set, for study.",
+    "ldm": "Sampling small grey images like its training set, for study.",
+    "vae": "Compressing and generating small grey images like its training set, for study.",
+    "adversarial": "Classifying small grey images, with robustness to L∞-bounded adversarial perturbations as trained; for study.",
+    "backdoor": "Studying data poisoning: this model was trained on a deliberately poisoned set and carries a backdoor. Never deploy it.",
 }
 
 

@@ -11,8 +11,10 @@ and, for sequence models, a dynamic sequence length.
 What one graph is, per family (inference is a single forward pass in each):
 
     image classifier (MY_NET, ResNet, ViT, MLP)  images (B, C, S, S) float -> logits (B, classes)
-    LSTM / GRU language model (tanh RNN refused)  tokens (B, T) int64, h0 (L, B, H) [, c0 (L, B, H)]
+    RNN / LSTM / GRU language model              tokens (B, T) int64, h0 (L, B, H) [, c0 (L, B, H)]
                                                  -> logits (B, T, V), hN [, cN]   (zeros: no state)
+      (the tanh RNN as the equivalent GRU with saturated gates: torch 2.13 unrolls nn.RNN to the
+      example's length, while nn.GRU becomes ONNX's GRU op with a dynamic length)
     GPT (no key/value cache)                     tokens (B, T) int64 -> logits (B, T, V), T <= block_size
 
 Parity: before anything is written, the exported graph runs in ONNX Runtime on random inputs and
@@ -88,6 +90,43 @@ class _RNNGraph(nn.Module):
         return logits, h
 
 
+# A tanh RNN, h' = tanh(W_ih x + b_ih + W_hh h + b_hh), is a GRU whose gates are saturated:
+# PyTorch's GRU (gate order r, z, n; Cho et al. 2014, eqs. 5-8) computes
+#   r = σ(W_ir x + b_ir + W_hr h + b_hr),  z = σ(W_iz x + b_iz + W_hz h + b_hz)
+#   n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn)),  h' = (1 - z) ⊙ n + z ⊙ h
+# so with zero r/z weights, b_ir = +S and b_iz = -S (σ(±S) = 1 / 0 exactly in float32 for
+# S = 1e4: exp(-1e4) underflows to 0, exp(1e4) overflows to inf), h' = n = the RNN's step, with
+# the RNN's weights as the n block. The numbers are the RNN's; only the op differs.
+GATE_SATURATION = 1e4
+
+
+def tanh_rnn_as_gru(rnn: nn.RNN) -> nn.GRU:
+    """The GRU that computes exactly what the tanh RNN `rnn` computes (see above)."""
+    if rnn.nonlinearity != "tanh":
+        raise DubokoError(f"ONNX export of a {rnn.nonlinearity} RNN is not supported (only tanh; a GRU or LSTM exports)")
+    if rnn.bidirectional or getattr(rnn, "proj_size", 0):
+        raise DubokoError("ONNX export supports one-directional RNNs without projections")
+    gru = nn.GRU(rnn.input_size, rnn.hidden_size, rnn.num_layers, bias=True, batch_first=rnn.batch_first,
+                 dropout=rnn.dropout)
+    size = rnn.hidden_size
+    with torch.no_grad():
+        for layer in range(rnn.num_layers):
+            w_ih, w_hh = getattr(rnn, f"weight_ih_l{layer}"), getattr(rnn, f"weight_hh_l{layer}")
+            b_ih = getattr(rnn, f"bias_ih_l{layer}") if rnn.bias else torch.zeros(size)
+            b_hh = getattr(rnn, f"bias_hh_l{layer}") if rnn.bias else torch.zeros(size)
+            g_w_ih, g_w_hh = getattr(gru, f"weight_ih_l{layer}"), getattr(gru, f"weight_hh_l{layer}")  # (3H, in), (3H, H)
+            g_b_ih, g_b_hh = getattr(gru, f"bias_ih_l{layer}"), getattr(gru, f"bias_hh_l{layer}")  # (3H,)
+            for t in (g_w_ih, g_w_hh, g_b_ih, g_b_hh):
+                t.zero_()
+            g_w_ih[2 * size:].copy_(w_ih)
+            g_w_hh[2 * size:].copy_(w_hh)
+            g_b_ih[:size] = GATE_SATURATION  # reset gate r = 1
+            g_b_ih[size:2 * size] = -GATE_SATURATION  # update gate z = 0
+            g_b_ih[2 * size:].copy_(b_ih)
+            g_b_hh[2 * size:].copy_(b_hh)
+    return gru.to(w_ih.device).train(rnn.training)
+
+
 class _LSTMGraph(nn.Module):
     """An LSTM language model: the state is (h, c), two inputs and two outputs."""
 
@@ -131,6 +170,8 @@ class GraphSpec:
     make_inputs: Callable[[int, int, bool], tuple[torch.Tensor, ...]]
     seq_lens: tuple[int, ...] = (0,)
     metadata: dict[str, str] = field(default_factory=dict)
+    # What parity compares against when `module` is an equivalent rewrite (the tanh RNN's GRU).
+    reference: nn.Module | None = None
 
 
 def _image_spec(loaded: LoadedRun) -> GraphSpec:
@@ -216,9 +257,74 @@ def _lm_spec(loaded: LoadedRun) -> GraphSpec:
         if c.cell == "lstm":
             return GraphSpec("lstm", _LSTMGraph(model), ["tokens", "h0", "c0"], ["logits", "hN", "cN"],
                              ({0: batch, 1: seq}, state_dims, state_dims), with_state, (5, 17), meta)
+        if c.cell == "rnn":
+            import copy
+
+            as_gru = copy.copy(model)  # shares embedding and head; only the recurrent module differs
+            as_gru._modules = dict(model._modules)
+            as_gru.rnn = tanh_rnn_as_gru(model.rnn)
+            meta["graph"] = "the tanh RNN as the equivalent GRU (reset gate 1, update gate 0: saturated biases)"
+            return GraphSpec("rnn", _RNNGraph(as_gru), ["tokens", "h0"], ["logits", "hN"],
+                             ({0: batch, 1: seq}, state_dims), with_state, (5, 17), meta, reference=_RNNGraph(model))
         return GraphSpec(c.cell, _RNNGraph(model), ["tokens", "h0"], ["logits", "hN"],
                          ({0: batch, 1: seq}, state_dims), with_state, (5, 17), meta)
     raise DubokoError(f"ONNX export knows the GPT and the RNN language models, not {name!r}")
+
+
+class _UNetGraph(nn.Module):
+    """One denoiser step ε_θ(x_t, t[, label]) of a diffusion run: the sampler loop (DDPM/DDIM
+    updates, guidance) stays with the caller, which runs this graph once per step."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return self.model(x, timesteps)  # (B, C, H, W)
+
+
+class _ClassUNetGraph(_UNetGraph):
+    """A class-conditioned denoiser step: labels (B,) are the third input."""
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.model(x, timesteps, labels)  # (B, C, H, W)
+
+
+def _unet_spec(loaded: LoadedRun) -> GraphSpec:
+    cfg, task, model = loaded.config, loaded.task, loaded.model
+    c = model.config
+    if c.conditioning not in ("none", "class"):
+        raise DubokoError(
+            f"ONNX export of the denoiser supports model.conditioning none or class, not {c.conditioning!r} "
+            "(the text prompt encoder is not exported yet)"
+        )
+    g = generator(cfg.train.seed, PARITY_SEED_KEY)
+    T = int(task.schedule.num_train_timesteps)
+    conditioned = c.conditioning == "class"
+    real_x0 = task.eval_x0(task._load()["val_x"][:max(PARITY_BATCHES)].cpu()) if hasattr(task, "_load") else None
+
+    def make_inputs(batch: int, _: int, real: bool) -> tuple[torch.Tensor, ...]:
+        t = torch.randint(0, T, (batch,), generator=g)
+        shape = (batch, c.in_channels, c.image_size, c.image_size)
+        if real and real_x0 is not None and len(real_x0) >= batch:
+            # Real noisy digits: x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε (Ho et al. 2020, eq. 4).
+            x = task.scheduler.add_noise(real_x0[:batch], torch.randn(shape, generator=g), t)
+        else:
+            x = torch.randn(shape, generator=g)
+        labels = (torch.randint(0, c.num_classes + 1, (batch,), generator=g),) if conditioned else ()
+        return (x.float(), t, *labels)
+
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    names = ["x", "timesteps"] + (["labels"] if conditioned else [])
+    meta = {"inputs": (f"x (B, {c.in_channels}, {c.image_size}, {c.image_size}) float32 noisy images in [-1, 1] "
+                       f"scale, timesteps (B,) int64 in [0, {T})" + (f", labels (B,) int64 in [0, {c.num_classes}] "
+                       f"({c.num_classes}: no label, for guidance)" if conditioned else "")
+                       + f"; output the predicted {cfg.data.prediction_type} (B, C, H, W)"),
+            "schedule": json.dumps({"num_train_timesteps": T, "beta_schedule": cfg.data.beta_schedule,
+                                    "prediction_type": cfg.data.prediction_type})}
+    graph = _ClassUNetGraph(model) if conditioned else _UNetGraph(model)
+    return GraphSpec("unet-denoiser", graph, names, ["prediction"],
+                     tuple({0: batch} for _ in names), make_inputs, metadata=meta)
 
 
 def graph_spec(loaded: LoadedRun) -> GraphSpec:
@@ -228,9 +334,11 @@ def graph_spec(loaded: LoadedRun) -> GraphSpec:
         return _image_spec(loaded)
     if task == "language-model":
         return _lm_spec(loaded)
+    if task == "diffusion":
+        return _unet_spec(loaded)
     raise DubokoError(
-        f"ONNX export supports image-classification and language-model runs; this run's task is {task!r} "
-        "(seq2seq and the diffusion denoiser are not exportable yet)"
+        f"ONNX export supports image-classification, language-model and diffusion runs; this run's task is {task!r} "
+        "(seq2seq is not exportable yet)"
     )
 
 
@@ -287,12 +395,13 @@ def parity(spec: GraphSpec, sess: Any) -> list[dict[str, Any]]:
         for b in PARITY_BATCHES:
             for t in spec.seq_lens:
                 inputs = spec.make_inputs(b, t, real)
-                expected = [y.float().cpu() for y in _flat(spec.module(*inputs))]
+                reference = spec.reference if spec.reference is not None else spec.module
+                expected = [y.float().cpu() for y in _flat(reference(*inputs))]
                 try:
                     got = run_session(sess, spec.input_names, inputs)
                 except Exception as exc:  # ORT's errors are its own types: one line for the user
-                    # Measured with torch 2.13: the plain tanh RNN's graph loops a fixed number of
-                    # steps (the example's length) and fails at any other; refused here.
+                    # E.g. a graph specialised to the example's length (torch 2.13 unrolls nn.RNN:
+                    # hence the GRU rewrite above) fails at the second length, here.
                     raise DubokoError(
                         f"ONNX Runtime cannot run the exported {spec.family} graph on {'real' if real else 'random'} "
                         f"inputs of batch {b}" + (f", seq_len {t}" if t else "") + f": {_first_cause(exc)}; nothing written"
@@ -348,8 +457,8 @@ def export_loaded(loaded: LoadedRun, out: str | Path, *, tolerance: float = DEFA
     require_onnx()
     if opset not in OPSETS:
         raise DubokoError(f"opset {opset} cannot be exported by this torch: expected {OPSETS.start}..{OPSETS.stop - 1}")
-    if not (tolerance > 0):
-        raise DubokoError(f"tolerance must be > 0, got {tolerance!r}")
+    if not (0 < tolerance < float("inf")):  # NaN and inf would switch the parity check off
+        raise DubokoError(f"tolerance must be a finite number > 0 (default {DEFAULT_TOLERANCE:g}), got {tolerance!r}")
     if quantize not in (None, "int8"):
         raise DubokoError(f"quantize must be int8 (or none), got {quantize!r}")
     dtypes = {p.dtype for p in loaded.model.parameters()}

@@ -102,3 +102,38 @@ def image_input(config: ImageClassifierConfig, batch_size: int) -> tuple[torch.T
 _register = partial(register_model, family="cnn", model_cls=MyNet, config_cls=MyNetConfig, example_input=image_input)
 _register("my_net", description="The primer's CNN: conv 3→32→64, pool, conv 64→128, pool, fc 18432→512→classes")
 _register("my_net_28", description="MY_NET on raw 28×28 grey MNIST (one input channel)", in_channels=1, image_size=28)
+
+
+# -- Madry et al.'s MNIST CNN (the adversarial-training baseline of `mnist-robust`) ---------------
+@dataclass
+class MadryCNNConfig:
+    in_channels: int = 1  # image channels
+    image_size: int = 28  # input height = width; divisible by 4 (two 2×2 pools)
+    num_classes: int = 10  # output logits
+    channels: tuple[int, int] = (32, 64)  # widths of the two 5×5 convolutions (Madry et al.: 32, 64)
+    hidden_size: int = 1024  # width of the fully connected layer (Madry et al.: 1024)
+
+
+class MadryCNN(nn.Module):
+    """Madry et al. 2018's MNIST classifier: conv 5×5 → pool → conv 5×5 → pool → fc → fc."""
+
+    def __init__(self, config: MadryCNNConfig):
+        super().__init__()
+        check_divisible("image_size", config.image_size, 4, "two 2×2 pools")
+        self.config = config
+        c1, c2 = config.channels
+        side = config.image_size // 4
+        self.conv1 = nn.Conv2d(config.in_channels, c1, kernel_size=5, padding=2)
+        self.conv2 = nn.Conv2d(c1, c2, kernel_size=5, padding=2)
+        self.fc1 = nn.Linear(c2 * side * side, config.hidden_size)
+        self.fc2 = nn.Linear(config.hidden_size, config.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # (B, c1, S/2, S/2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # (B, c2, S/4, S/4)
+        x = F.relu(self.fc1(torch.flatten(x, 1)))  # (B, hidden)
+        return self.fc2(x)  # (B, classes)
+
+
+register_model("madry_cnn", family="cnn", model_cls=MadryCNN, config_cls=MadryCNNConfig, example_input=image_input,
+               description="Madry et al.'s MNIST CNN: conv 5×5 1→32, pool, conv 5×5 32→64, pool, fc 3136→1024→10")

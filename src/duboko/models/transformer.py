@@ -171,11 +171,79 @@ class GPT(nn.Module):
                 f"sequence length {t} exceeds the model's block_size {bs}; set data.seq_len <= "
                 f"model.block_size (or raise block_size)"
             )
+        if state is not None and t == 1 and state.layers and self._fast_decode_ok():
+            return self._decode_one(idx, state)
         x = self.tok_emb(idx)  # (B, T, n_embd)
         x, present = self.decoder(x, past=state.layers if state is not None else None)
         logits = self.lm_head(x)  # (B, T, vocab)
         seen = idx if state is None or state.tokens is None else torch.cat((state.tokens, idx), dim=1)
         return logits, KVCache(present, (0 if state is None else state.offset) + t, seen)
+
+    # -- the one-token decoding step ---------------------------------------------------------
+    # Generation at batch 1 runs one token through the model per step. There the matrices are
+    # tiny ((1, 128) @ (128, 128) for shakespeare-gpt) and the time goes to Python: ~25 module
+    # calls and ~100 small ops per token. This path computes the same block maths (x + Attn(LN(x)),
+    # x + MLP(LN(x)), the final LN and the head) with functional calls on tensors gathered once and
+    # one fused QKV matmul per layer: fewer ops, no module dispatch. Tested equal to the general
+    # path to 1e-5.
+
+    def _fast_decode_ok(self) -> bool:
+        """The fused step covers inference with additive positions (learned / sinusoidal / none)
+        and no recorded attention weights; anything else takes the general path."""
+        if self.training or self.config.positional == "rotary":
+            return False
+        return not any(layer.self_attn.record_weights for layer in self.decoder.layers)
+
+    def _decode_plan(self) -> list[tuple]:
+        """Per layer the tensors of the fused step, W^Q, W^K, W^V stacked to (3·D, D), then the
+        final LayerNorm's and the head's: read straight from the modules' parameter dicts (module
+        attribute lookups cost more than the tiny matmuls here). Rebuilt when a weight changes:
+        the key holds each tensor's identity, address and in-place version counter."""
+        layers = self.decoder.layers
+        modules = getattr(self, "_plan_modules", None)
+        if modules is None or len(modules) != len(layers):
+            modules = [(l.ln1, l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj, l.self_attn.out_proj, l.ln2,
+                        l.mlp.fc1, l.mlp.fc2, "tanh" if isinstance(l.mlp, TanhGELUMLP) else "none") for l in layers]
+            object.__setattr__(self, "_plan_modules", modules)  # plain attributes: not buffers, never saved
+        key = tuple((id(t), t.data_ptr(), t._version) for mods in modules for m in mods[:-1]
+                    for t in m._parameters.values() if t is not None)
+        cached = getattr(self, "_plan_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        plan = []
+        with torch.no_grad():
+            for ln1, q, k, v, out, ln2, fc1, fc2, approximate in modules:
+                w_qkv = torch.cat((q.weight, k.weight, v.weight), dim=0)  # (3D, D)
+                b_qkv = torch.cat((q.bias, k.bias, v.bias)) if q.bias is not None else None
+                plan.append((ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps, w_qkv, b_qkv, out.weight, out.bias,
+                             ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps, fc1.weight, fc1.bias, fc2.weight,
+                             fc2.bias, approximate))
+        object.__setattr__(self, "_plan_cache", (key, plan))
+        return plan
+
+    def _decode_one(self, idx: torch.Tensor, state: KVCache) -> tuple[torch.Tensor, KVCache]:
+        """idx (B, 1), the cache of P < block_size positions -> logits (B, 1, vocab), new cache."""
+        c, dec = self.config, self.decoder
+        b = idx.shape[0]
+        h, dh, d = c.n_head, c.n_embd // c.n_head, c.n_embd
+        x = dec.embed_positions(self.tok_emb(idx), offset=state.offset)  # (B, 1, D)
+        present: list[KV] = []
+        for (shape1, g1, b1, eps1, w_qkv, b_qkv, w_out, b_out, shape2, g2, b2, eps2, w1, bias1, w2, bias2,
+             approximate), (k_past, v_past) in zip(self._decode_plan(), state.layers):
+            y = F.layer_norm(x, shape1, g1, b1, eps1)  # x + Attn(LN1(x)) ...
+            q, k, v = F.linear(y, w_qkv, b_qkv).view(b, 1, 3, h, dh).permute(2, 0, 3, 1, 4)  # each (B, H, 1, Dh)
+            k = torch.cat((k_past, k.to(k_past.dtype)), dim=2)  # (B, H, P+1, Dh)
+            v = torch.cat((v_past, v.to(v_past.dtype)), dim=2)
+            a = F.scaled_dot_product_attention(q, k, v)  # one query sees every cached key: no mask
+            x = x + F.linear(a.transpose(1, 2).reshape(b, 1, d), w_out, b_out)
+            y = F.gelu(F.linear(F.layer_norm(x, shape2, g2, b2, eps2), w1, bias1), approximate=approximate)  # (B, 1, 4D)
+            x = x + F.linear(y, w2, bias2)  # ... then x + MLP(LN2(x))
+            present.append((k, v))
+        norm = dec.norm
+        x = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        logits = F.linear(x, self.lm_head.weight)  # (B, 1, vocab); the head has no bias
+        seen = idx if state.tokens is None else torch.cat((state.tokens, idx), dim=1)
+        return logits, KVCache(present, state.offset + 1, seen)
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         """Parameters (tied weights counted once); non_embedding drops the position table."""

@@ -138,6 +138,10 @@ def generate(
     device = _model_device(model)
     block = _block_size(model)
     stop_ids_set = {int(s) for s in stop_ids}
+    # Stop strings are searched in the tail of the text only: the new piece plus the longest
+    # stop string's length before it, so a long generation costs O(1) decoding per token.
+    text = IncrementalDecoder(decode) if stop else None
+    longest_stop = max((len(s) for s in stop), default=0)
     prompt_len = len(ids)
     was_training = model.training
     model.eval()
@@ -162,34 +166,71 @@ def generate(
                     on_token(token)
                 if token in stop_ids_set:
                     break
-                if stop and any(s in decode(ids[prompt_len:]) for s in stop):
-                    break
+                if text is not None:
+                    before = len(text.text)
+                    tail = text.push(token)[max(0, before - longest_stop):]
+                    if any(s in tail for s in stop):
+                        break
     finally:
         model.train(was_training)
     return ids[prompt_len:]
 
 
+class IncrementalDecoder:
+    """The text of a growing list of token ids, decoding only the ids since the last complete
+    character instead of all of them per token (O(1) per token rather than O(n)).
+
+    Ids are committed once their decoded text does not end in U+FFFD (the replacement character:
+    half of a multi-byte UTF-8 character from byte-level BPE); the pending ids are decoded together
+    until they complete. This relies on decode(a + b) == decode(a) + decode(b) whenever decode(a)
+    ends on a whole character, true of duboko's tokenizers (char, word, byte-level BPE: tested)."""
+
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self.decode = decode
+        self.ids: list[int] = []
+        self.committed = ""  # decode(ids[:start])
+        self.start = 0  # ids[start:] are pending
+        self.text = ""  # committed + decode(pending): the text so far
+
+    def push(self, token_id: int) -> str:
+        """Add one id; returns the whole text so far."""
+        self.ids.append(int(token_id))
+        piece = self.decode(self.ids[self.start:])
+        if piece.endswith("\ufffd"):
+            self.text = self.committed + piece
+        else:
+            self.committed += piece
+            self.start = len(self.ids)
+            self.text = self.committed
+        return self.text
+
+
 class TextStreamer:
     """An `on_token` callback that writes decoded text as soon as it is complete.
 
-    Decodes all new tokens each time and writes what was added, holding back a trailing
-    replacement character (half of a multi-byte UTF-8 character from byte-level BPE)."""
+    Decodes only the tokens since the last complete character (`IncrementalDecoder`) and writes
+    what was added, holding back a trailing replacement character (half of a multi-byte UTF-8
+    character from byte-level BPE) and any end that could begin a stop string."""
 
     def __init__(self, decode: Callable[[list[int]], str], write: Callable[[str], Any], stop: Sequence[str] = ()):
         self.decode = decode
         self.write = write
         self.stop = list(stop)
-        self.ids: list[int] = []
+        self._text = IncrementalDecoder(decode)
+        self.ids = self._text.ids
         self.written = 0
         self.stopped = False
+        self._longest_stop = max((len(s) for s in self.stop), default=0)
 
     def __call__(self, token_id: int) -> None:
         if self.stopped:
             return
-        self.ids.append(int(token_id))
-        text = self.decode(self.ids)
+        before = len(self._text.text)
+        text = self._text.push(token_id)
+        # A stop string not found before can only end inside the new piece.
+        lo = max(0, min(before, self.written) - self._longest_stop)
         for s in self.stop:
-            at = text.find(s)
+            at = text.find(s, lo)
             if at >= 0:  # print up to the stop string, never the stop string itself
                 text = text[:at]
                 self.stopped = True
@@ -210,7 +251,7 @@ class TextStreamer:
             self.written = len(text)
 
     def text(self) -> str:
-        return cut_at_stop(self.decode(self.ids), self.stop)
+        return cut_at_stop(self._text.text, self.stop)
 
 
 def _pending_stop(text: str, stop: Sequence[str]) -> int:

@@ -66,9 +66,9 @@ class DiffusionDataConfig:
     eta: float = 0.0  # DDIM noise (0: deterministic)
     guidance: float = 3.0  # classifier-free guidance scale for grids and metrics (1: none)
     grid_rows: int = 4  # rows of the per-epoch grid (10 columns: the digits 0-9 when conditioned)
-    eval_samples: int = 200  # samples for prompt_accuracy / fd_mnist at the end (0: skip the metrics)
+    eval_samples: int = 1000  # samples for prompt_accuracy / fd_mnist at the end (100 per digit; 0: skip the metrics)
     fd_reference: int = 5000  # MNIST test images whose features are the fd_mnist reference
-    eval_batch_size: int = 100  # batch size for sampling and validation
+    eval_batch_size: int = 250  # batch size for sampling and validation (bounds the memory of sampling)
     eval_seed: int = 1234  # seed of the metrics' and grids' noise (fixed: epochs are comparable)
 
 
@@ -199,8 +199,8 @@ class DiffusionTask(Task):
             # The global batch's noise, timesteps and conditions come from the batch's own
             # generator (a pure function of seed, epoch, i); each rank then keeps its share.
             g = generator(tcfg.seed, epoch, i)
-            x0 = data["train_x"][idx].float().unsqueeze(1) / 127.5 - 1  # (B, 1, 28, 28) in [-1, 1]
-            noise = torch.randn(x0.shape, generator=g).to(self.device)  # (B, 1, 28, 28)
+            x0 = self.train_x0(data, idx, g)  # (B, 1, 28, 28) in [-1, 1] (a latent run: (B, c, h, w))
+            noise = torch.randn(x0.shape, generator=g).to(self.device)  # like x0
             t = torch.randint(0, T, (len(idx),), generator=g).to(self.device)  # (B,)
             cond = self.make_condition(data["train_y"][idx], g, self.config.data.p_uncond)  # (B,) | (B, L) | None
             yield {
@@ -209,6 +209,18 @@ class DiffusionTask(Task):
                 "t": rank_slice(t, r, w),
                 "cond": None if cond is None else rank_slice(cond, r, w).to(self.device),
             }
+
+    def train_x0(self, data: dict[str, torch.Tensor], idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """The clean training samples x_0 of a batch: the images, in [-1, 1] (B, 1, 28, 28)."""
+        return data["train_x"][idx].float().unsqueeze(1) / 127.5 - 1
+
+    def eval_x0(self, images: torch.Tensor) -> torch.Tensor:
+        """Clean samples x_0 of uint8 images (B, 28, 28) for the validation loss."""
+        return images.float().unsqueeze(1) / 127.5 - 1
+
+    def sample_options(self) -> dict[str, Any]:
+        """Extra keyword arguments of `pipeline.sample` (a latent run changes the output bound)."""
+        return {}
 
     def loss(self, model: nn.Module, batch: dict, reduction: str = "mean") -> torch.Tensor:
         xt = self.scheduler.add_noise(batch["x0"], batch["noise"], batch["t"])
@@ -237,7 +249,7 @@ class DiffusionTask(Task):
         total, count = 0.0, 0
         bs = self.config.data.eval_batch_size
         for i in range(0, len(x), bs):
-            x0 = (x[i : i + bs].float().unsqueeze(1) / 127.5 - 1)
+            x0 = self.eval_x0(x[i : i + bs])
             batch = {
                 "x0": x0.to(self.device),
                 "noise": torch.randn(x0.shape, generator=g).to(self.device),
@@ -288,6 +300,7 @@ class DiffusionTask(Task):
             device=self.device,
             keep_every=keep_every,
             progress=progress,
+            **self.sample_options(),
         )
 
     def _grid_condition(self, n: int) -> dict:
@@ -310,6 +323,57 @@ class DiffusionTask(Task):
         save_grid(result.images, Path(run_dir) / "samples" / f"epoch_{epoch:03d}.png", nrow=10)
         return {"grid_seconds": time.perf_counter() - t0}
 
+    def generate_batched(self, model: nn.Module, n: int, *, labels: list[int] | None = None,
+                         prompts: list[str] | None = None, seed: int | None = None, batch_size: int | None = None,
+                         progress=None, **kwargs) -> torch.Tensor:
+        """`generate` for many images in batches of `batch_size` (default data.eval_batch_size),
+        so that memory stays bounded: images (n, C, H, W) on the CPU. Batch k draws its noise
+        with seed + k·batch_size, so a first batch is the same images as `generate(seed=seed)`.
+        `progress(done, n)` after each batch."""
+        cfg = self.config.data
+        bs = batch_size or cfg.eval_batch_size
+        base = cfg.eval_seed if seed is None else seed
+        images = []
+        for i in range(0, n, bs):
+            part: dict[str, Any] = {}
+            if labels is not None:
+                part["labels"] = labels[i : i + bs]
+            if prompts is not None:
+                part["prompts"] = prompts[i : i + bs]
+            result = self.generate(model, min(bs, n - i), seed=base + i, **part, **kwargs)
+            images.append(result.images.cpu())
+            if progress is not None:
+                progress(min(n, i + bs), n)
+        return torch.cat(images)
+
+    def _reference(self, n: int) -> tuple[nn.Module, dict[str, Any]]:
+        """The scorer and the real-data side of the metrics for n samples (computed once per n:
+        `sample --seeds` scores several seeds against the same reference)."""
+        from duboko.evaluate import fid
+
+        cache = getattr(self, "_reference_cache", None)
+        if cache is not None and cache[0] == n:
+            return cache[1], cache[2]
+        cfg = self.config.data
+        scorer = fid.load_scorer(self.device)
+        test_x, test_y = mnist.load_split("test", cfg.data_dir or None)
+        n_ref = min(cfg.fd_reference, len(test_x) - n)
+        if n_ref < 100:
+            raise DubokoError(f"too many samples ({n}) for the 10000 MNIST test images: at most {len(test_x) - 100}")
+        ref_feats, _ = fid.score_images(scorer, fid.uint8_to_unit(test_x[:n_ref]))
+        real = fid.uint8_to_unit(test_x[-n:])  # disjoint from the reference
+        real_feats, real_pred = fid.score_images(scorer, real)
+        noise = torch.randn(real.shape, generator=generator(7)).clamp(-1, 1)
+        noise_feats, _ = fid.score_images(scorer, noise)
+        ref = {
+            "ref_feats": ref_feats,
+            "fd_real": fid.frechet_distance_features(real_feats, ref_feats),
+            "fd_noise": fid.frechet_distance_features(noise_feats, ref_feats),
+            "scorer_accuracy_real": float((real_pred == test_y[-n:]).double().mean()),
+        }
+        self._reference_cache = (n, scorer, ref)
+        return scorer, ref
+
     # -- metrics -------------------------------------------------------------------------------
     @torch.no_grad()
     def sample_quality(
@@ -327,17 +391,10 @@ class DiffusionTask(Task):
         """prompt_accuracy and fd_mnist for n samples, with the floor and noise values beside."""
         from duboko.evaluate import fid
 
+        from duboko.evaluate.diffusion import accuracy_summary
+
         cfg = self.config.data
-        scorer = fid.load_scorer(self.device)
-        test_x, test_y = mnist.load_split("test", cfg.data_dir or None)
-        n_ref = min(cfg.fd_reference, len(test_x) - n)
-        if n_ref < 100:
-            raise DubokoError(f"too many samples ({n}) for the 10000 MNIST test images: at most {len(test_x) - 100}")
-        ref_feats, _ = fid.score_images(scorer, fid.uint8_to_unit(test_x[:n_ref]))
-        real = fid.uint8_to_unit(test_x[-n:])  # disjoint from the reference
-        real_feats, real_pred = fid.score_images(scorer, real)
-        noise = torch.randn(real.shape, generator=generator(7)).clamp(-1, 1)
-        noise_feats, _ = fid.score_images(scorer, noise)
+        scorer, ref = self._reference(n)
         cond_kwargs: dict[str, Any] = {}
         labels = self.balanced_labels(n)
         if self.conditioning == "text":
@@ -345,24 +402,16 @@ class DiffusionTask(Task):
         elif self.conditioning == "class":
             cond_kwargs["labels"] = labels
         t0 = time.perf_counter()
-        images = []
-        bs = cfg.eval_batch_size
-        for i in range(0, n, bs):
-            part = {k: v[i : i + bs] for k, v in cond_kwargs.items()}
-            seed_i = (cfg.eval_seed if seed is None else seed) + i
-            images.append(
-                self.generate(model, min(bs, n - i), sampler=sampler, steps=steps, guidance=guidance, eta=eta, seed=seed_i, **part).images.cpu()
-            )
-            if progress is not None:
-                progress(min(n, i + bs), n)
+        images = self.generate_batched(model, n, sampler=sampler, steps=steps, guidance=guidance, eta=eta, seed=seed,
+                                       progress=progress, **cond_kwargs)
         seconds = time.perf_counter() - t0
-        images = torch.cat(images)
         feats, preds = fid.score_images(scorer, images)
         out: dict[str, Any] = {
-            "fd_mnist": fid.frechet_distance_features(feats, ref_feats),
-            "fd_mnist_real": fid.frechet_distance_features(real_feats, ref_feats),
-            "fd_mnist_noise": fid.frechet_distance_features(noise_feats, ref_feats),
-            "scorer_accuracy_real": float((real_pred == test_y[-n:]).double().mean()),
+            "fd_mnist": fid.frechet_distance_features(feats, ref["ref_feats"]),
+            "fd_mnist_real": ref["fd_real"],
+            "fd_mnist_noise": ref["fd_noise"],
+            "scorer_accuracy_real": ref["scorer_accuracy_real"],
+            "sample_seed": cfg.eval_seed if seed is None else seed,
             "sample_count": n,
             "sample_sampler": sampler or cfg.sampler,
             "sample_steps": steps or cfg.sample_steps,
@@ -370,7 +419,7 @@ class DiffusionTask(Task):
             "sample_seconds_per_image": seconds / n,
         }
         if self.conditioning != "none":
-            out["prompt_accuracy"] = float((preds == torch.tensor(labels)).double().mean())
+            out.update(accuracy_summary(preds, torch.tensor(labels)))
             out["sample_guidance"] = cfg.guidance if guidance is None else guidance
             if self.conditioning == "text":
                 out["prompt_phrasings"] = "held-out"
@@ -390,6 +439,22 @@ class DiffusionTask(Task):
         images = metrics.pop("_images")
         if run_dir is not None:
             save_grid(images[:100], Path(run_dir) / "samples.png", nrow=10)
-        lines = [f"{k} = {v:.4f}" if isinstance(v, float) else f"{k} = {v}" for k, v in metrics.items()]
-        report = "Sample quality (" + self.config.recipe + ")\n" + "\n".join(lines) + "\n"
+        report = "Sample quality (" + self.config.recipe + ")\n" + quality_report(metrics)
         return Evaluation(metrics, report)
+
+
+def quality_report(metrics: dict[str, Any]) -> str:
+    """The metrics of `sample_quality` as text lines; prompt_accuracy with its 95 % interval and
+    the per-digit accuracies on one line each."""
+    lines = []
+    for k, v in metrics.items():
+        if k in ("prompt_accuracy_low", "prompt_accuracy_high"):
+            continue
+        if k == "prompt_accuracy" and "prompt_accuracy_low" in metrics:
+            lines.append(f"{k} = {v:.4f}  (95 % Wilson interval {metrics['prompt_accuracy_low']:.4f} - "
+                         f"{metrics['prompt_accuracy_high']:.4f}, N = {metrics.get('sample_count', '?')})")
+        elif k == "prompt_accuracy_per_digit":
+            lines.append(f"{k} = " + "  ".join(f"{d}: {a:.2f}" for d, a in enumerate(v)))
+        else:
+            lines.append(f"{k} = {v:.4f}" if isinstance(v, float) else f"{k} = {v}")
+    return "\n".join(lines) + "\n"

@@ -332,6 +332,25 @@ class ImageClassificationTask(Task):
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
+    # -- pixel space (attacks: duboko.security) -----------------------------------------------
+    def pixel_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Stored uint8 images (B, H, W) or (B, C, H, W) -> (B, C, H, W) float pixels in [0, 1] on
+        the device, at their stored size: the space where an attack's eps is measured."""
+        return transforms.to_float(images.to(self.device))
+
+    def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[0, 1] pixels (B, C, H, W) -> the model's input, differentiably: the evaluation's resize
+        (bilinear) and normalisation (grey replicated to data.channels). For every image,
+        `preprocess(pixel_images(images))` equals `eval_inputs(images)`."""
+        cfg = self.config.data
+        x = pixels
+        if x.shape[-1] != cfg.image_size or x.shape[-2] != cfg.image_size:
+            x = F.interpolate(x, size=(cfg.image_size, cfg.image_size), mode="bilinear", align_corners=False)
+        x = transforms.normalize(x, cfg.mean, cfg.std, cfg.channels)  # (B, channels, S, S)
+        if self.config.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
     # -- loss ----------------------------------------------------------------------------------
     def training_step(self, model: nn.Module, batch: Any) -> StepOutput:
         x, y = batch
@@ -407,7 +426,8 @@ class ImageClassificationTask(Task):
                 grey = self._to_grey(img).resize((28, 28), Image.BILINEAR)
         except FileNotFoundError as exc:
             raise DubokoError(f"image {path!r} does not exist") from exc
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+            # (PIL raises SyntaxError for broken PNG chunks, EOFError for truncated GIFs)
             raise DubokoError(f"cannot read image {path!r}: {exc}") from exc
         array = np.asarray(grey, dtype=np.uint8)
         # MNIST digits are white on black; a mostly light picture is a dark digit on paper.

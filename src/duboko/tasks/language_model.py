@@ -9,6 +9,15 @@ then tokenized with a `char`, `word` or `bpe` tokenizer trained here and saved a
 the run folder. `setup(run_dir)` on an existing run loads that file instead of training a new one,
 and sets the derived model field `vocab_size` from it before the engine builds the model.
 
+Token folders (`data.data_dir`, what `duboko train ... --data-dir` sets): a folder written by
+`duboko prepare-text` (`duboko.data.tokens`) is memory-mapped instead: the same block split, made
+once when the folder was written, and the folder's tokenizer (saved into the run folder as
+above; data.tokenizer/vocab_size/val_fraction/split_* are then the folder's). Batches gather
+their windows from the mapped arrays, and the per-epoch draws that would grow with the corpus
+(the window order, the row resets) are made per batch, so start-up time and memory do not
+depend on the corpus size. A data.data_dir that is not a token folder is read as text, like
+data.path.
+
 Two ways to cut the token stream into batches (`data.stateful`):
 - stateful (truncated back-propagation through time): the stream is laid out as B parallel
   contiguous streams (Zaremba et al. 2014); batch i is columns [i·T, (i+1)·T) of them, and each
@@ -39,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from duboko.data.batching import rank_slice
+from duboko.data.tokens import feistel_permutation, gather, is_token_folder, open_token_folder
 from duboko.data.text import (
     TOKENIZER_FILE,
     TOKENIZER_KINDS,
@@ -58,6 +68,9 @@ from duboko.tasks import Evaluation, StepOutput, Task, register_task
 @dataclass
 class LMDataConfig:
     path: str = ""  # text file(s) or folder(s), comma-separated ("" = bundled Shakespeare)
+    # A token folder from `duboko prepare-text` (memory-mapped; its tokenizer and split are used,
+    # and tokenizer/vocab_size/min_freq/val_fraction/split_* here are ignored), or else text like data.path.
+    data_dir: str = ""
     tokenizer: str = "char"  # char | word | bpe
     vocab_size: int = 0  # word/bpe vocabulary size to learn (0: 10000 word, 2000 bpe); char: all chars
     min_freq: int = 1  # word tokenizer: rarer words become <unk>
@@ -92,8 +105,10 @@ class LanguageModelTask(Task):
     def __init__(self, config: Any, device: torch.device, rank: int = 0, world_size: int = 1):
         super().__init__(config, device, rank, world_size)
         self.tokenizer: Tokenizer | None = None
-        self.train_ids: torch.Tensor | None = None  # (N_train,) int64, on the CPU
-        self.val_ids: torch.Tensor | None = None  # (N_val,)
+        # (N_train,) int64 on the CPU, or a read-only np.memmap (uint16/uint32) of a token folder.
+        self.train_ids: Any = None
+        self.val_ids: Any = None  # (N_val,)
+        self.token_folder: Path | None = None
         self.prompt_text = ""
         self._state: Any = None  # the carried hidden state in stateful training
 
@@ -140,7 +155,10 @@ class LanguageModelTask(Task):
 
     def _load_data(self, train_new_tokenizer: bool = False) -> None:
         d = self.data
-        text = read_corpus(d.path or None)
+        if d.data_dir and is_token_folder(d.data_dir):
+            self._load_token_folder(train_new_tokenizer)
+            return
+        text = read_corpus(d.data_dir or d.path or None)
         train_r, val_r = block_split(len(text), d.val_fraction, d.split_blocks, d.split_seed)
         train_texts = [text[a:b] for a, b in train_r]
         val_texts = [text[a:b] for a, b in val_r]
@@ -163,6 +181,35 @@ class LanguageModelTask(Task):
             if len(ids) < T + 2:
                 raise DubokoError(
                     f"the {name} text has {len(ids)} tokens, too few for data.seq_len={T}; "
+                    "use a longer corpus or a smaller seq_len"
+                )
+
+    def _load_token_folder(self, train_new_tokenizer: bool) -> None:
+        """Memory-map a `duboko prepare-text` folder: nothing is read until batches touch it, so
+        start-up time and memory do not depend on the corpus size."""
+        d = self.data
+        folder = open_token_folder(d.data_dir)
+        if train_new_tokenizer or self.tokenizer is None:
+            self.tokenizer = folder.tokenizer
+        elif self.tokenizer.to_dict() != folder.tokenizer.to_dict():
+            raise DubokoError(
+                f"the token folder {d.data_dir} was made with another tokenizer than this run's "
+                f"({folder.tokenizer.kind}, {folder.tokenizer.vocab_size} tokens vs {self.tokenizer.kind}, "
+                f"{self.tokenizer.vocab_size}); resume with the same token folder"
+            )
+        self.token_folder = folder.path
+        self.train_ids, self.val_ids = folder.train, folder.val
+        if d.max_train_tokens > 0:
+            self.train_ids = self.train_ids[: d.max_train_tokens]
+        if d.max_eval_tokens > 0:
+            self.val_ids = self.val_ids[: d.max_eval_tokens]
+        head = self.tokenizer.decode(self.train_ids[:200].tolist())
+        self.prompt_text = d.sample_prompt or (head.lstrip("\n").split("\n", 1)[0][:60] + "\n")
+        T = d.seq_len
+        for name, ids in (("training", self.train_ids), ("validation", self.val_ids)):
+            if len(ids) < T + 2:
+                raise DubokoError(
+                    f"the {name} tokens of {d.data_dir} are {len(ids)}, too few for data.seq_len={T}; "
                     "use a longer corpus or a smaller seq_len"
                 )
 
@@ -217,6 +264,9 @@ class LanguageModelTask(Task):
         g = generator(self.config.train.seed, epoch)
         offset = int(torch.randint(0, T, (1,), generator=g))  # new batch boundaries every epoch
         ids = self.train_ids
+        if not torch.is_tensor(ids):  # a memory-mapped token folder
+            yield from self._mapped_train_batches(epoch, start, n, g, offset)
+            return
         if self.data.stateful:
             L = self._stream_length()
             x_all = rank_slice(ids[offset: offset + B * L].view(B, L), r, w)  # (b, L): b contiguous streams
@@ -239,6 +289,38 @@ class LanguageModelTask(Task):
                 s = rank_slice(starts[i * B: (i + 1) * B], r, w)  # (b,)
                 index = s[:, None] + arange  # (b, T)
                 yield {"x": ids[index].to(self.device), "y": ids[index + 1].to(self.device), "reset": True}
+
+    def _mapped_train_batches(self, epoch: int, start: int, n: int, g: torch.Generator,
+                              offset: int) -> Iterator[dict[str, Any]]:
+        """`train_batches` for a memory-mapped token folder, in memory independent of its size:
+        each batch gathers its own (b, T) windows; the per-epoch draws that would grow with the
+        corpus (the window order, the row resets) are computed per batch instead (a Feistel
+        permutation keyed once per epoch; a generator per batch)."""
+        ids = self.train_ids
+        T, B = self.data.seq_len, self.config.train.batch_size
+        r, w = self.rank, self.world_size
+        arange = torch.arange(T)
+        rows = rank_slice(torch.arange(B), r, w)  # (b,) this rank's rows of the global batch
+        if self.data.stateful:
+            L = self._stream_length()
+            base = offset + rows * L  # (b,) where each of this rank's streams starts
+            for i in range(start, n):
+                index = base[:, None] + i * T + arange  # (b, T)
+                resets = torch.rand(B, generator=generator(self.config.train.seed, epoch, i))
+                yield {
+                    "x": gather(ids, index).to(self.device, non_blocking=True),  # (b, T)
+                    "y": gather(ids, index + 1).to(self.device, non_blocking=True),
+                    "reset": i == start,
+                    "reset_rows": (resets[rows] < self.data.state_reset_prob).to(self.device),  # (b,)
+                }
+        else:
+            windows = (len(ids) - 1 - T) // T
+            keys = torch.randint(0, 2**31, (4,), generator=g).tolist()
+            for i in range(start, n):
+                order = feistel_permutation(i * B + rows, windows, keys)  # (b,) shuffled windows
+                index = offset + T * order[:, None] + arange  # (b, T)
+                yield {"x": gather(ids, index).to(self.device), "y": gather(ids, index + 1).to(self.device),
+                       "reset": True}
 
     # -- model ---------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
@@ -294,12 +376,12 @@ class LanguageModelTask(Task):
             if self.data.stateful:
                 B = max(1, min(B, (len(ids) - 1) // T))
                 L = (len(ids) - 1) // B
-                xs = ids[: B * L].view(B, L)
-                ys = ids[1: B * L + 1].view(B, L)
+                base = torch.arange(B)[:, None] * L  # (B, 1): B contiguous streams of L tokens
                 state = None
                 for c in range(0, L, T):
-                    x = xs[:, c: c + T].to(self.device)
-                    y = ys[:, c: c + T].to(self.device)
+                    index = base + torch.arange(c, min(c + T, L))  # (B, t)
+                    x = gather(ids, index).to(self.device)
+                    y = gather(ids, index + 1).to(self.device)
                     logits, state = model(x, state)
                     loss_sum += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double().cpu()
                     correct += int((logits.argmax(-1) == y).sum())
@@ -310,7 +392,7 @@ class LanguageModelTask(Task):
                 arange = torch.arange(T)
                 for c in range(0, windows, B):
                     index = starts[c: c + B, None] + arange
-                    x, y = ids[index].to(self.device), ids[index + 1].to(self.device)
+                    x, y = gather(ids, index).to(self.device), gather(ids, index + 1).to(self.device)
                     logits, _ = model(x)
                     loss_sum += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double().cpu()
                     correct += int((logits.argmax(-1) == y).sum())
@@ -325,7 +407,8 @@ class LanguageModelTask(Task):
     @property
     def score_name(self) -> str:
         """bpc for characters, perplexity for words and BPE tokens."""
-        return "bpc" if self.data.tokenizer == "char" else "perplexity"
+        kind = self.tokenizer.kind if self.tokenizer is not None else self.data.tokenizer  # a token folder's wins
+        return "bpc" if kind == "char" else "perplexity"
 
     def score(self, loss: float) -> float:
         return loss / math.log(2) if self.score_name == "bpc" else math.exp(min(loss, 700.0))
@@ -362,7 +445,7 @@ class LanguageModelTask(Task):
             "val_loss": m["loss"],
             f"val_{self.score_name}": m[self.score_name],
             "val_accuracy": m["accuracy"],
-            "tokenizer": self.data.tokenizer,
+            "tokenizer": self.tokenizer.kind,
             "vocab_size": self.tokenizer.vocab_size,
             "train_tokens": int(len(self.train_ids)),
             "val_tokens": int(len(self.val_ids)),

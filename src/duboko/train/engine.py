@@ -1,11 +1,12 @@
 """The one training engine every family shares: `Trainer`.
 
-It owns the loop, device, precision, optimizer and schedule, gradient clipping, EMA, the
-non-finite guard, progress bars and summary lines, history/TensorBoard logging, checkpoints and
-exact resume, and torch.distributed (DDP under torchrun). A family's `Task` only provides
-batches, the loss of one batch and evaluation (see `duboko.tasks`).
+It owns the loop, device, precision, optimizer and schedule, gradient clipping and accumulation,
+EMA, the non-finite guard, progress bars and summary lines, history/TensorBoard logging,
+checkpoints and exact (and elastic) resume, and torch.distributed under torchrun: DDP, or FSDP2
+(`train.strategy`). A family's `Task` only provides batches, the loss of one batch and
+evaluation (see `duboko.tasks`).
 
-`Trainer` is steppable: `step(batch)` is one optimizer update, `run_epoch()` one pass with its
+`Trainer` is steppable: `step(*micro_batches)` is one optimizer update, `run_epoch()` one pass with its
 validation, history row and checkpoint, `fit()` the whole run. `duboko train` calls `fit`, and
 `duboko bench` times `Trainer.step` itself, so a benchmark never measures other code than training.
 """
@@ -13,6 +14,7 @@ validation, history row and checkpoint, `fit()` the whole run. `duboko train` ca
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import sys
@@ -37,7 +39,7 @@ from duboko.train import checkpoint as ckpt
 from duboko.train import distributed as D
 from duboko.train import runtime
 from duboko.train.optim import build_optimizer, lr_factor, set_lr
-from duboko.precision import autocast, resolve_precision
+from duboko.precision import autocast, hardware_features, resolve_precision
 from duboko.train.lock import LOCK_FILE, RunLock
 from duboko.train.run import (
     CONFIG, MANIFEST, METRICS, pick_device, save_weights, verify_resumable, write_history, write_manifest,
@@ -63,17 +65,25 @@ class EMA:
             b_ema.copy_(b)
 
 
-def _grad_norms(model: nn.Module) -> dict[str, float]:
-    """L2 norm of the gradient per layer (parameters grouped by their module)."""
+def _grad_norms(model: nn.Module, info: D.DistInfo | None = None) -> dict[str, float]:
+    """L2 norm of the gradient per layer (parameters grouped by their module). Under FSDP each
+    rank holds a shard of each gradient: the squared norms of the shards are summed over the
+    ranks (a collective: every rank calls it)."""
     groups: dict[str, list[torch.Tensor]] = {}
+    sharded = False
     for name, p in model.named_parameters():
         if p.grad is not None:
-            groups.setdefault(name.rsplit(".", 1)[0] if "." in name else name, []).append(p.grad.detach())
-    out = {}
-    for layer, grads in groups.items():
-        norms = torch._foreach_norm(grads)
-        out[layer] = torch.stack(norms).float().pow(2).sum().sqrt().item()
-    return out
+            grad = p.grad.detach()
+            if hasattr(grad, "to_local"):  # a DTensor shard
+                grad, sharded = grad.to_local(), True
+            groups.setdefault(name.rsplit(".", 1)[0] if "." in name else name, []).append(grad)
+    if not groups:
+        return {}
+    layers = list(groups)
+    squares = torch.stack([torch.stack(torch._foreach_norm(groups[k])).float().pow(2).sum() for k in layers])
+    if sharded and info is not None and info.enabled:
+        torch.distributed.all_reduce(squares)
+    return {k: v for k, v in zip(layers, squares.sqrt().tolist())}
 
 
 def apply_gradients(
@@ -88,13 +98,33 @@ def apply_gradients(
 ) -> None:
     """One optimizer update from `loss`: backward (scaled under fp16), gradient clipping, an
     optional look at the gradients (`inspect`, after unscaling and clipping), the step, EMA.
-    `fit` and the benchmarks' engine side both train through this."""
+    `Trainer.step` does the same with `backward` per micro-batch and one `optimizer_update`."""
     optimizer.zero_grad(set_to_none=True)
+    backward(loss, scaler)
+    optimizer_update(model, optimizer, grad_clip, scaler=scaler, ema=ema, inspect=inspect)
+
+
+def backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None = None) -> None:
+    """Accumulate d loss / d parameters into `.grad` (scaled under fp16)."""
     if scaler is not None:
         scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
     else:
         loss.backward()
+
+
+def optimizer_update(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    grad_clip: float = 0.0,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+    ema: EMA | None = None,
+    inspect: Callable[[], None] | None = None,
+) -> None:
+    """The update from the accumulated gradients: unscale (fp16), clip the global norm (FSDP's
+    DTensor gradients included), `inspect`, the optimizer step, EMA."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     if grad_clip > 0:
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     if inspect is not None:
@@ -235,7 +265,8 @@ class TrainState:
 
     step: int = 0  # optimizer steps done
     epoch: int = 0  # epochs finished (the index of the epoch being trained)
-    batch: int = 0  # batches done inside the current epoch
+    batch: int = 0  # (micro-)batches done inside the current epoch (the task's batch index)
+    samples: int = 0  # global samples done inside the current epoch: the world-size-free position
     sums: dict[str, float] = field(default_factory=dict)  # running sums of the epoch's step statistics
     history: list[dict] = field(default_factory=list)  # one row per epoch (history.csv)
     train_seconds: float = 0.0  # time in training passes, all epochs
@@ -305,6 +336,19 @@ class Trainer:
         runtime.configure(tcfg, self.device)
         task_cls = get_task(cfg.task)
         task_cls.check(cfg)  # a config built by hand, not through config.resolve, is checked too
+        C.validate_train(tcfg)
+        self.sharded = tcfg.strategy == "fsdp" and self.dist.enabled
+        if tcfg.strategy == "fsdp" and tcfg.ema_decay > 0:
+            raise DubokoError("train.ema_decay > 0 does not work with train.strategy='fsdp' yet (the EMA would be a "
+                              "whole unsharded copy on every rank); set train.ema_decay=0 or train.strategy=ddp")
+        # Gradient accumulation: train.batch_size is the batch of one optimizer step; the task
+        # serves micro-batches of batch_size / grad_accum_steps (each again split over the ranks),
+        # and `step` takes grad_accum_steps consecutive ones. Micro-batch i of a task is global
+        # samples [i·b, (i+1)·b) of the epoch's order, so the samples of one step are the same.
+        self.accum = tcfg.grad_accum_steps
+        self.micro_batch_size = tcfg.batch_size // self.accum
+        task_cfg = cfg if self.accum == 1 else dataclasses.replace(
+            cfg, train=dataclasses.replace(tcfg, batch_size=self.micro_batch_size))  # shares cfg.model and cfg.data
         if out is not None:
             if self.is_main:
                 self.lock, self._created_out = lock_run_dir(out, resume)
@@ -312,17 +356,23 @@ class Trainer:
 
         # Same seed on every rank for the model's initial weights (DDP also broadcasts rank 0's).
         seed_everything(tcfg.seed)
-        self.task: Task = task_cls(cfg, self.device, self.dist.rank, self.dist.world_size)
+        self.task: Task = task_cls(task_cfg, self.device, self.dist.rank, self.dist.world_size)
         self.task.setup(out if resume else None)
         model = self.task.build_model().to(self.device)
         if tcfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        self.parameters = sum(p.numel() for p in model.parameters())
+        self.precision = resolve_precision(tcfg.precision, self.device)  # "auto": bf16 only where native
+        if self.sharded:
+            # Before the optimizer: fully_shard swaps every parameter for its DTensor shard.
+            D.fully_shard_model(model, self.device, self.precision, tcfg.fsdp_cpu_offload)
         self.model = model
+        self._plain: nn.Module | None = None  # rank 0's unsharded copy for rank-0-only work (FSDP)
         self.ema = EMA(model, tcfg.ema_decay) if tcfg.ema_decay > 0 else None
         self.optimizer = build_optimizer(model, tcfg, self.device)
-        self.precision = resolve_precision(tcfg.precision, self.device)  # "auto": bf16 only where native
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
-        self.steps_per_epoch = self.task.num_train_batches()
+        self.batches_per_epoch = self.task.num_train_batches()  # micro-batches
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / self.accum)  # optimizer steps
         self.total_steps, self.epochs = plan_steps(tcfg, self.steps_per_epoch)
         self.state = TrainState()
         if resume:
@@ -343,15 +393,14 @@ class Trainer:
                 atomic_write_json(out / CONFIG, cfg.to_dict())
                 self.assets = list(self.task.save_assets(out) or [])
 
-        train_model: nn.Module = model
-        if self.dist.enabled:
+        train_model: nn.Module = model  # FSDP2: the sharded model itself is what trains
+        if self.dist.enabled and not self.sharded:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             train_model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if tcfg.compile:
             train_model = torch.compile(train_model)
         self.train_model = train_model
-        self.parameters = sum(p.numel() for p in model.parameters())
         if out is not None and self.is_main:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -362,16 +411,20 @@ class Trainer:
 
     def resume(self) -> None:
         """Restore the run folder's saved state: weights, optimizer moments, EMA, every RNG and
-        the position in the data (epoch, batch), so training continues bit-exactly."""
+        the position in the data (epoch, global samples), so training continues bit-exactly on the
+        same number of ranks, and to float tolerance on another (elastic: the state holds whole
+        tensors, which each rank of an FSDP run shards again; the position counts global
+        samples, which any world size splits the same way)."""
         tcfg, out = self.cfg.train, self.out
         tensors, meta = ckpt.load_state(out, self.device)
         try:
-            self.model.load_state_dict(ckpt.sub_state(tensors, "model"))
-        except RuntimeError as exc:
+            D.load_full_model_state(self.model, ckpt.sub_state(tensors, "model"))
+        except (RuntimeError, KeyError, ValueError) as exc:
             raise DubokoError(f"{out / ckpt.STATE_FILE} does not fit model {self.cfg.model['name']!r}: "
                               f"{str(exc).splitlines()[0]}") from exc
-        ckpt.optimizer_from_flat(self.optimizer, {k: v.to(self.device) for k, v in tensors.items() if k.startswith("optim/")},
-                                 meta["optimizer"])
+        optim_state = ckpt.optimizer_state_from_flat(
+            self.optimizer, {k: v.to(self.device) for k, v in tensors.items() if k.startswith("optim/")}, meta["optimizer"])
+        D.load_full_optimizer_state(self.model, self.optimizer, optim_state)
         if self.ema is not None and any(k.startswith("ema/") for k in tensors):
             self.ema.module.load_state_dict(ckpt.sub_state(tensors, "ema"))
         rng_key = f"rng/{self.dist.rank}"
@@ -384,6 +437,17 @@ class Trainer:
             torch.cuda.set_rng_state(tensors["rng_cuda/0"])
         self.state = TrainState.from_meta(meta)
         st = self.state
+        if "samples" in meta:
+            # The position in global samples (the same for any world size), in this run's
+            # micro-batches (batch_size and grad_accum_steps cannot change on resume).
+            if st.samples % self.micro_batch_size:
+                raise DubokoError(f"the saved position ({st.samples} samples into epoch {st.epoch + 1}) is not a whole "
+                                  f"number of micro-batches of {self.micro_batch_size}")
+            st.batch = st.samples // self.micro_batch_size
+        if not self.is_main:
+            # The saved running sums are all ranks' totals: rank 0 carries them on, the others
+            # start from zero, so the epoch-end all-reduce counts each sample once for any M.
+            st.sums = {k: 0.0 for k in st.sums}
         if self.finished:
             raise DubokoError(
                 f"run {str(out)!r} already finished {st.epoch} epoch(s) ({st.step} steps); "
@@ -416,7 +480,7 @@ class Trainer:
     def _inspect_gradients(self) -> None:
         """Per-layer gradient norms, after unscaling and clipping: summed for history.csv
         (train.log_grad_norms) and logged to TensorBoard on logging steps."""
-        norms = _grad_norms(self.model)
+        norms = _grad_norms(self.model, self.dist)
         if self.cfg.train.log_grad_norms:
             for k, v in norms.items():
                 self._grad_sums[k] = self._grad_sums.get(k, 0.0) + v
@@ -424,45 +488,69 @@ class Trainer:
             for k, v in norms.items():
                 self.writer.add_scalar(f"grad_norm/{k}", v, self.state.step)
 
-    def step(self, batch: Any) -> StepOutput | None:
-        """One optimizer update on `batch`: the scheduled learning rate, the task's loss under
-        autocast, the non-finite guard, `apply_gradients`, the running sums. Returns the task's
-        `StepOutput`, or None for a skipped non-finite step (train.nonfinite = skip)."""
+    def step(self, *batches: Any) -> StepOutput | None:
+        """One optimizer update on the micro-batches `batches` (one batch without gradient
+        accumulation): the scheduled learning rate (it counts optimizer steps), each micro-batch's
+        loss under autocast and the non-finite guard, its backward scaled by 1/len(batches) so
+        the summed gradient is the mean over the whole batch (micro-batches of equal size), the
+        ranks' gradients reduced once, on the last backward (DDP `no_sync`, FSDP
+        `set_requires_gradient_sync`), then `optimizer_update` and the running sums. Returns the
+        last micro-batch's `StepOutput`, or None for a skipped non-finite step (train.nonfinite = skip)."""
+        if not batches:
+            raise TypeError("Trainer.step needs at least one batch")
         st, tcfg = self.state, self.cfg.train
         lr = tcfg.lr * lr_factor(tcfg, st.step, self.total_steps)
         set_lr(self.optimizer, lr)
-        with autocast(self.device, self.precision):
-            outcome = self.task.training_step(self.train_model, batch)
-        loss = outcome.loss
-        if not self._is_finite(loss):
-            if tcfg.nonfinite == "skip":
-                st.skipped_steps += 1
-                st.batch += 1
-                self.optimizer.zero_grad(set_to_none=True)
-                return None
-            if self.out is None:
-                kept = "Nothing was saved (no run folder)"
-            elif (self.out / ckpt.STATE_FILE).exists():
-                kept = f"The last good checkpoint is kept in {self.out}"
-            else:
-                kept = "No checkpoint was saved before it (train.checkpoint_every=N saves every N steps)"
-            raise DubokoError(
-                f"the loss became {loss.item()} at step {st.step + 1} (epoch {st.epoch + 1}, batch {st.batch + 1}); "
-                f"stopped. {kept}. Lower train.lr, set train.grad_clip, or set train.nonfinite=skip"
-            )
-        self._log_now = self.writer is not None and st.step % tcfg.log_every == 0
-        inspect = self._inspect_gradients if tcfg.log_grad_norms or self._log_now else None
-        apply_gradients(loss, self.model, self.optimizer, tcfg.grad_clip, scaler=self.scaler, ema=self.ema, inspect=inspect)
+        self.optimizer.zero_grad(set_to_none=True)
+        n = len(batches)
+        outcomes: list[StepOutput] = []
+        for i, batch in enumerate(batches):
+            with D.gradient_sync(self.train_model, sync=i == n - 1):
+                with autocast(self.device, self.precision):
+                    outcome = self.task.training_step(self.train_model, batch)
+                loss = outcome.loss
+                if not self._is_finite(loss):
+                    return self._non_finite(loss, n, i)
+                backward(loss / n if n > 1 else loss, self.scaler)
+            outcomes.append(outcome)
+        log_step = st.step % tcfg.log_every == 0
+        self._log_now = self.writer is not None and log_step
+        if self.sharded:  # the norms are a collective: every rank computes them on the same steps
+            wants_norms = tcfg.log_grad_norms or (log_step and self.out is not None)
+        else:
+            wants_norms = tcfg.log_grad_norms or self._log_now
+        inspect = self._inspect_gradients if wants_norms else None
+        optimizer_update(self.model, self.optimizer, tcfg.grad_clip, scaler=self.scaler, ema=self.ema, inspect=inspect)
         sums = self._epoch_sums
-        for k, v in outcome.stats.items():
-            v = v.detach().double() if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=torch.float64, device=self.device)
-            sums[k] = sums[k] + v if k in sums else v
+        for outcome in outcomes:
+            for k, v in outcome.stats.items():
+                v = v.detach().double() if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=torch.float64, device=self.device)
+                sums[k] = sums[k] + v if k in sums else v
         st.step += 1
-        st.batch += 1
+        st.batch += n
         if self._log_now:
-            self.writer.add_scalar("train/loss", loss.item(), st.step)
+            self.writer.add_scalar("train/loss", sum(o.loss.item() for o in outcomes) / n, st.step)
             self.writer.add_scalar("train/lr", lr, st.step)
-        return outcome
+        return outcomes[-1]
+
+    def _non_finite(self, loss: torch.Tensor, n: int, i: int) -> None:
+        """A NaN/inf loss in micro-batch i of n: skip the whole update, or stop with one line."""
+        st, tcfg = self.state, self.cfg.train
+        if tcfg.nonfinite == "skip":
+            st.skipped_steps += 1
+            st.batch += n
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        if self.out is None:
+            kept = "Nothing was saved (no run folder)"
+        elif (self.out / ckpt.STATE_FILE).exists():
+            kept = f"The last good checkpoint is kept in {self.out}"
+        else:
+            kept = "No checkpoint was saved before it (train.checkpoint_every=N saves every N steps)"
+        raise DubokoError(
+            f"the loss became {loss.item()} at step {st.step + 1} (epoch {st.epoch + 1}, batch {st.batch + i + 1}); "
+            f"stopped. {kept}. Lower train.lr, set train.grad_clip, or set train.nonfinite=skip"
+        )
 
     def _running(self, sums: dict[str, float]) -> dict[str, float]:
         """Epoch metrics from summed step statistics: loss = loss_sum / count, key = sum / count."""
@@ -482,7 +570,7 @@ class Trainer:
         else:
             from tqdm.auto import tqdm
 
-        return tqdm(total=self.steps_per_epoch, initial=self.state.batch, leave=False, dynamic_ncols=True, file=stream,
+        return tqdm(total=self.steps_per_epoch, initial=math.ceil(self.state.batch / self.accum), leave=False, dynamic_ncols=True, file=stream,
                     desc=f"Epoch {self.state.epoch + 1}/{self.epochs}")
 
     def _bar_postfix(self, bar) -> None:
@@ -505,12 +593,12 @@ class Trainer:
         bar = self._progress_bar()
         t_epoch = time.perf_counter()
         reached_max = False
-        for batch in self.train_batches():
-            if self.step(batch) is None:
+        for group in _micro_groups(self.train_batches(), self.accum):
+            if self.step(*group) is None:
                 continue
             if bar is not None:
                 bar.update(1)
-                if st.batch % 10 == 0 or st.batch == self.steps_per_epoch:
+                if st.step % 10 == 0 or st.batch == self.batches_per_epoch:
                     self._bar_postfix(bar)
             if tcfg.checkpoint_every and st.step % tcfg.checkpoint_every == 0:
                 now = time.perf_counter()
@@ -530,8 +618,8 @@ class Trainer:
         train_metrics = self._running(totals)
         # A run stopped by max_steps inside an epoch keeps its place in it, so that a resume
         # with more steps continues the same epoch; its history row has a fractional epoch.
-        partial = reached_max and st.batch < self.steps_per_epoch
-        shown_epoch = round(epoch + st.batch / self.steps_per_epoch, 4) if partial else epoch + 1
+        partial = reached_max and st.batch < self.batches_per_epoch
+        shown_epoch = round(epoch + st.batch / self.batches_per_epoch, 4) if partial else epoch + 1
         row: dict[str, Any] = {"epoch": shown_epoch, "step": st.step}
         row.update({f"train_{k}": v for k, v in train_metrics.items()})
         val: dict[str, float] = {}
@@ -541,10 +629,11 @@ class Trainer:
         row["lr"] = self.optimizer.param_groups[0]["lr"]
         row["seconds"] = epoch_seconds
         if tcfg.log_grad_norms:
-            n_steps = max(1, st.batch)
+            n_steps = max(1, math.ceil(st.batch / self.accum))
             row.update({f"grad_norm_{k}": v / n_steps for k, v in self._grad_sums.items()})
+        plain = self._gathered_model()  # a collective under FSDP
         if self.is_main:
-            row.update(self.task.epoch_end(self.eval_model(), epoch + 1, self.out) or {})
+            row.update(self.task.epoch_end(plain, epoch + 1, self.out) or {})
             self.model.train()
         st.history.append(row)
         self._show(summary_line(shown_epoch, train_metrics, val, epoch_seconds, self.task.shown_metric,
@@ -561,9 +650,24 @@ class Trainer:
             st.epoch, st.batch, st.sums, st.grad_sums, st.epoch_seconds = epoch + 1, 0, {}, {}, 0.0
         if self.out is not None and self.is_main:
             write_history(self.out, st.history)
-            save_weights(self.out, self.eval_model(), self.cfg)
+            save_weights(self.out, plain, self.cfg)
         self.save(finished_epoch=not partial)
         return row
+
+    def _gathered_model(self) -> nn.Module | None:
+        """The evaluated weights as a plain module for the main rank's own work (samples,
+        model.safetensors, reports). Under FSDP the shards are gathered (every rank must call
+        this) into an unsharded copy on rank 0 (None elsewhere); otherwise `eval_model()`."""
+        if not self.sharded:
+            return self.eval_model()
+        state = D.full_model_state(self.model)
+        if not self.is_main:
+            return None
+        if self._plain is None:
+            with torch.random.fork_rng(devices=[]):  # building it must not move the training RNG
+                self._plain = self.task.build_model()
+        self._plain.load_state_dict(state)
+        return self._plain.to(self.device).eval()
 
     def evaluate(self, split: str = "val") -> dict[str, float]:
         """The task's metrics on "val" or "test" with the evaluated weights (EMA when on)."""
@@ -575,17 +679,25 @@ class Trainer:
 
     def save(self, finished_epoch: bool = False) -> None:
         """Write the training state (one atomic file) and the manifest; no-op without a run folder.
-        Inside an epoch the running sums are saved with it, so a resume continues the epoch."""
+        Inside an epoch the running sums (all ranks' totals) are saved with it, so a resume, on
+        any number of ranks, continues the epoch. Every rank calls it (it gathers RNG states, the
+        sums and, under FSDP, the shards); rank 0 writes."""
         if not finished_epoch and self._epoch_sums:
-            self.state.sums = {k: v.item() for k, v in self._epoch_sums.items()}
+            totals = D.all_reduce_sum(self._epoch_sums, self.dist)
+            self.state.sums = {k: v.item() for k, v in totals.items()}
             self.state.grad_sums = dict(self._grad_sums)
         rank_rng = D.gather_rng(torch.get_rng_state(), self.dist)
-        if self.out is None or not self.is_main:
+        if self.out is None:
+            return
+        model_state = D.full_model_state(self.model)  # collectives under FSDP
+        optim_state = D.full_optimizer_state(self.model, self.optimizer)
+        if not self.is_main:
             return
         meta = asdict(self.state)
-        if finished_epoch:
-            meta["batch"] = 0
-        ckpt.save_state(self.out, model=self.model, optimizer=self.optimizer, ema=self.ema.module if self.ema else None,
+        meta["batch"] = 0 if finished_epoch else self.state.batch
+        meta["samples"] = meta["batch"] * self.micro_batch_size
+        meta.update(strategy=self.cfg.train.strategy, micro_batch_size=self.micro_batch_size, grad_accum_steps=self.accum)
+        ckpt.save_state(self.out, model=model_state, optimizer=optim_state, ema=self.ema.module if self.ema else None,
                         meta=meta, rank_rng=rank_rng)
         write_manifest(self.out, self.assets)
 
@@ -602,11 +714,21 @@ class Trainer:
 
     def _banner(self) -> str:
         tcfg, dist = self.cfg.train, self.dist
-        ranks = f" × {dist.world_size} ranks" if dist.enabled else ""
+        ranks = f" × {dist.world_size} ranks ({tcfg.strategy})" if dist.enabled else ""
         where = f" -> {self.out}" if self.out is not None else ""
-        return (f"{self.cfg.recipe}: {self.cfg.model['name']} ({self.parameters:,} parameters) on {self.device}{ranks}, "
-                f"{self.precision}, batch {tcfg.batch_size} (per rank {math.ceil(tcfg.batch_size / dist.world_size)}), "
-                f"lr {tcfg.lr:g}, {self.epochs} epoch(s) × {self.steps_per_epoch} steps{where}")
+        if self.accum > 1:
+            batch = (f"effective batch {tcfg.batch_size} = {self.accum} micro-batches of {self.micro_batch_size} "
+                     f"(per rank {math.ceil(self.micro_batch_size / dist.world_size)})")
+        else:
+            batch = f"batch {tcfg.batch_size} (per rank {math.ceil(tcfg.batch_size / dist.world_size)})"
+        shard = f", {self.local_parameters:,} parameters on this rank" if self.sharded else ""
+        return (f"{self.cfg.recipe}: {self.cfg.model['name']} ({self.parameters:,} parameters{shard}) on {self.device} ({hardware_features(self.device)}){ranks}, "
+                f"{self.precision}, {batch}, lr {tcfg.lr:g}, {self.epochs} epoch(s) × {self.steps_per_epoch} steps{where}")
+
+    @property
+    def local_parameters(self) -> int:
+        """Parameters this rank holds (its shards under FSDP)."""
+        return D.local_parameter_count(self.model)
 
     def finish(self) -> dict[str, Any]:
         """The final metrics: the last validation row, the task's `final_metrics`, timings and
@@ -614,9 +736,12 @@ class Trainer:
         st = self.state
         metrics: dict[str, Any] = {}
         # DDP keeps replicas identical by construction; check it (bit-exact digest, all-gathered).
-        in_sync = D.params_in_sync(self.model, self.dist, self.device) if self.dist.enabled else None
+        # FSDP ranks hold different shards by design: each one's count is recorded instead.
+        in_sync = D.params_in_sync(self.model, self.dist, self.device) if self.dist.enabled and not self.sharded else None
+        per_rank = D.all_gather_int(self.local_parameters, self.dist, self.device)
+        plain = self._gathered_model()
         if self.is_main:
-            evaluation = self.task.final_metrics(self.eval_model(), self.out, st.history)
+            evaluation = self.task.final_metrics(plain, self.out, st.history)
             last = st.history[-1] if st.history else {}
             metrics = {k: v for k, v in last.items() if k.startswith("val_")}
             metrics.update(evaluation.metrics)
@@ -628,6 +753,10 @@ class Trainer:
                 "parameters": self.parameters,
                 "world_size": self.dist.world_size,
                 "global_batch_size": self.cfg.train.batch_size,
+                "grad_accum_steps": self.accum,
+                "micro_batch_size": self.micro_batch_size,
+                "strategy": self.cfg.train.strategy,
+                "parameters_per_rank": per_rank,
                 "precision": self.precision,
                 "skipped_steps": st.skipped_steps,
             })
@@ -638,7 +767,7 @@ class Trainer:
             if self.out is not None:
                 atomic_write_json(self.out / METRICS, metrics)
                 if self.cfg.train.report:  # report.html and MODEL_CARD.md, for people
-                    write_report(self.out, self.eval_model(), self.task)
+                    write_report(self.out, plain, self.task)
                     write_model_card(self.out)
                 write_manifest(self.out, self.assets)
             if evaluation.report:
@@ -671,6 +800,19 @@ class Trainer:
     def _show(self, text: str) -> None:
         if self.is_main and not self.quiet:
             print(text, file=self.stream, flush=True)
+
+
+def _micro_groups(batches: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive groups of `size` micro-batches (the last group of an epoch may be shorter):
+    one optimizer step each."""
+    group: list[Any] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def fit(

@@ -98,6 +98,7 @@ class RunLock:
         self.path = path
         self.info = info
         self.held = True
+        self.recovered: list[str] = []  # what an interrupted --overwrite left, settled on acquire
 
     @classmethod
     def acquire(cls, folder: str | os.PathLike, command: str | None = None) -> "RunLock":
@@ -110,12 +111,30 @@ class RunLock:
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "command": command if command is not None else " ".join(["duboko", *sys.argv[1:]])[:200],
         }
-        if cls._create(path, info):
-            return cls(folder, path, info)
-        holder = _read_info(path)
-        if cls._is_stale(path, holder) and cls._take_over(path, holder, info):
-            return cls(folder, path, info)
-        raise DubokoError(cls._busy_message(folder, path, _read_info(path) or holder))
+        taken = cls._create(path, info)
+        holder = None
+        if not taken:
+            holder = _read_info(path)
+            taken = cls._is_stale(path, holder) and cls._take_over(path, holder, info)
+        if not taken:
+            raise DubokoError(cls._busy_message(folder, path, _read_info(path) or holder))
+        lock = cls(folder, path, info)
+        lock._settle_leftovers()
+        return lock
+
+    def _settle_leftovers(self) -> None:
+        """Now that no other writer can be at work here: put back (or delete) what an
+        `--overwrite` killed with SIGKILL left beside the folder (`recover_interrupted_overwrite`),
+        saying so on stderr. A failure releases the lock and is the caller's one-line error."""
+        from duboko.train.run import recover_interrupted_overwrite
+
+        try:
+            self.recovered = recover_interrupted_overwrite(self.folder)
+        except BaseException:
+            self.release()
+            raise
+        for line in self.recovered:
+            print(f"duboko: note: {line}", file=sys.stderr)
 
     # -- internals -------------------------------------------------------------------------------
     @staticmethod

@@ -52,10 +52,13 @@ def save_weights(run_dir: Path, model: nn.Module, cfg: C.RunConfig) -> None:
 
 
 def write_manifest(run_dir: Path, assets: list[str] | tuple[str, ...] = ()) -> None:
-    """SHA-256 of the run's core files and of the task's assets (tokenizers, scalers)."""
+    """SHA-256 of the run's core files and of the task's assets (tokenizers, scalers), and the
+    core files this run has (`required`): a finished run's metrics.json stays required, so that
+    deleting it together with its hash is caught as well."""
     names = list(CHECKED) + [a for a in assets if a not in CHECKED]
     files = {name: sha256_file(run_dir / name) for name in names if (run_dir / name).exists()}
-    atomic_write_json(run_dir / MANIFEST, {"sha256": files})
+    required = [name for name in CHECKED if name in files]
+    atomic_write_json(run_dir / MANIFEST, {"sha256": files, "required": required})
 
 
 # Every load reads these two; a manifest that does not list them verifies nothing.
@@ -69,7 +72,8 @@ REWRITTEN = (CONFIG, METRICS, HISTORY, WEIGHTS, "state.safetensors")
 MAX_MANIFEST_BYTES = 1 * 2**20
 
 
-def _manifest_listing(run_dir: Path) -> dict[str, str]:
+def _manifest_listing(run_dir: Path) -> tuple[dict[str, str], list[str]]:
+    """The manifest's {file name: digest} and its `required` names (older manifests: none)."""
     path = run_dir / MANIFEST
     if not path.exists():
         raise DubokoError(f"{run_dir} has no {MANIFEST}; it is not a complete duboko run folder")
@@ -80,7 +84,10 @@ def _manifest_listing(run_dir: Path) -> dict[str, str]:
         for n, d in listed.items()
     ):
         raise DubokoError(f"{path} is not a duboko manifest (expected {{\"sha256\": {{file name: hex digest}}}})")
-    return listed
+    required = manifest.get("required", [])
+    if not isinstance(required, list) or not all(isinstance(n, str) and n in CHECKED for n in required):
+        raise DubokoError(f"{path}: \"required\" must be a list of core file names ({', '.join(CHECKED)})")
+    return listed, required
 
 
 def verify_manifest(run_dir: Path, *, required: tuple[str, ...] = REQUIRED, killed_run_ok: bool = False) -> None:
@@ -94,7 +101,10 @@ def verify_manifest(run_dir: Path, *, required: tuple[str, ...] = REQUIRED, kill
     differ from (or be missing in) the manifest: the run was killed after rewriting it and
     before rewriting the manifest, and the resume rewrites both. Assets are always checked."""
     run_dir = Path(run_dir)
-    listed = _manifest_listing(run_dir)
+    listed, recorded = _manifest_listing(run_dir)
+    # What the run itself recorded as its core files (a finished run: metrics.json too) is as
+    # required as what this load reads.
+    required = tuple(required) + tuple(n for n in recorded if n not in required)
     missing = [name for name in required if name not in listed]
     manifest_time = (run_dir / MANIFEST).stat().st_mtime_ns
 
@@ -229,3 +239,76 @@ def verify_resumable(run_dir: str | Path) -> None:
     if not (run_dir / STATE_FILE).exists():
         raise DubokoError(f"cannot resume: {run_dir / STATE_FILE} does not exist")
     verify_manifest(run_dir, required=(CONFIG, STATE_FILE), killed_run_ok=True)
+
+
+OVERWRITTEN_INFIX = ".overwritten-"  # `--overwrite` sets the old run aside in `.NAME.overwritten-PID`
+
+
+def overwrite_leftovers(run_dir: str | Path) -> list[Path]:
+    """The `.NAME.overwritten-PID` folders beside `run_dir` (newest first): an `--overwrite` run
+    killed with SIGKILL (no `finally`) leaves its old run set aside there."""
+    import glob
+
+    run_dir = Path(run_dir)
+    pattern = str(run_dir.parent / glob.escape(f".{run_dir.name}{OVERWRITTEN_INFIX}")) + "*"
+    found = [Path(p) for p in glob.glob(pattern)]
+    found = [p for p in found if p.name.removeprefix(f".{run_dir.name}{OVERWRITTEN_INFIX}").isdigit()
+             and p.is_dir() and not p.is_symlink()]
+    return sorted(found, key=lambda p: p.stat().st_mtime_ns, reverse=True)
+
+
+def _has_own_checkpoint(run_dir: Path) -> bool:
+    from duboko.train.checkpoint import STATE_FILE
+
+    if not ((run_dir / STATE_FILE).is_file() and (run_dir / MANIFEST).is_file()):
+        return False
+    try:
+        verify_manifest(run_dir, required=(CONFIG, STATE_FILE), killed_run_ok=True)
+    except DubokoError:
+        return False
+    return True
+
+
+def recover_interrupted_overwrite(run_dir: str | Path) -> list[str]:
+    """Settle what a killed `--overwrite` left beside `run_dir`; the caller holds the run
+    folder's lock, so no live writer owns those leftovers (a live `--overwrite` holds the lock
+    from before it sets the old run aside until it has settled). Returns one line per leftover.
+
+    - the new run in `run_dir` has a complete checkpoint of its own (state + manifest that
+      verify): it replaced the old run, whose set-aside copy is deleted;
+    - else the old run is put back whole: the new run's partial files are removed (those the
+      old run also had, and those written after the set-aside ended, i.e. newer than the
+      set-aside folder's last change), old files the set-aside had not moved yet stay."""
+    import shutil
+
+    from duboko.train.lock import LOCK_FILE
+
+    run_dir = Path(run_dir)
+    notes = []
+    for backup in overwrite_leftovers(run_dir):
+        if _has_own_checkpoint(run_dir):
+            shutil.rmtree(backup, ignore_errors=True)
+            notes.append(f"removed {backup.name}, the previous run set aside by an interrupted --overwrite "
+                         f"(the new run in {run_dir} has its own checkpoint)")
+            continue
+        set_aside_until = backup.stat().st_mtime_ns
+        old_names = {entry.name for entry in backup.iterdir()}
+        try:
+            for entry in run_dir.iterdir():
+                if entry.name == LOCK_FILE:
+                    continue
+                info = entry.lstat()
+                if entry.name in old_names or info.st_mtime_ns >= set_aside_until:
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry)
+                    else:
+                        entry.unlink()
+            for entry in backup.iterdir():
+                entry.rename(run_dir / entry.name)
+            backup.rmdir()
+        except OSError as exc:
+            raise DubokoError(f"cannot put back the previous run from {backup} after an interrupted --overwrite: "
+                              f"{exc.strerror or exc}; move its files into {run_dir} by hand") from exc
+        notes.append(f"put back the previous run in {run_dir} from {backup.name}: an --overwrite was interrupted "
+                     "before the new run's first checkpoint")
+    return notes

@@ -26,7 +26,8 @@ import torch
 from duboko import registry
 from duboko.errors import DubokoError
 from duboko.io import looks_like_pickle, read_json, save_tensors, sha256_file
-from duboko.train.run import MANIFEST, LoadedRun, load_run, verify_manifest
+from duboko.train.lock import RunLock
+from duboko.train.run import MANIFEST, LoadedRun, load_run, overwrite_leftovers, verify_manifest
 
 # Keys under which training scripts commonly nest a state dict inside a checkpoint dict.
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
@@ -51,6 +52,14 @@ def verify_run(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DubokoError(f"run folder {str(run_dir)!r} does not exist")
+    if overwrite_leftovers(run_dir):
+        # A killed `--overwrite` set the old run aside: taking the lock settles it (puts the old
+        # run back, or deletes it once the new run has a checkpoint). A live one holds the lock:
+        # its set-aside copy is its own, and the check below reports the folder as it is.
+        try:
+            RunLock.acquire(run_dir, command="duboko verify (settling an interrupted --overwrite)").release()
+        except DubokoError:
+            pass
     verify_manifest(run_dir)
     listed = read_json(run_dir / MANIFEST).get("sha256", {})
     if not isinstance(listed, dict) or not listed:
