@@ -647,34 +647,30 @@ def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, 
 
 
 class IncrementalDecoder:
-    """Token ids in, new text out, decoding only a short window per token (not all the text so
-    far, which is quadratic in the length).
-
-    The window starts one token before the last emitted piece (its context: byte-level BPE joins
-    bytes across tokens) and text is held back while it ends in U+FFFD, half of a multi-byte UTF-8
-    character (the scheme of vLLM's incremental detokenizer, with prefix and read offsets)."""
+    """Token ids in, new text out: `nn.sampling.IncrementalDecoder` (which decodes only the ids
+    since the last complete character, not all the text so far) handing out what each token
+    added; text is held back while it ends in U+FFFD, half of a multi-byte UTF-8 character."""
 
     def __init__(self, decode: Callable[[list[int]], str]):
-        self.decode = decode
-        self.ids: list[int] = []
-        self.prefix = 0  # window start
-        self.read = 0  # tokens before this are emitted
+        from duboko.nn.sampling import IncrementalDecoder as TextSoFar
+
+        self._text = TextSoFar(decode)
+        self._emitted = 0  # characters of the text already handed out
 
     def push(self, token: int) -> str:
-        self.ids.append(int(token))
-        before = self.decode(self.ids[self.prefix:self.read])
-        text = self.decode(self.ids[self.prefix:])
-        if text.endswith("\ufffd") or len(text) <= len(before):
+        text = self._text.push(token)
+        if text.endswith("\ufffd"):
             return ""  # an incomplete character: wait for the next token
-        self.prefix, self.read = self.read, len(self.ids)
-        return text[len(before):]
+        return self._take(text)
 
     def flush(self) -> str:
         """The held-back text at the end (incomplete characters as U+FFFD)."""
-        before = self.decode(self.ids[self.prefix:self.read])
-        text = self.decode(self.ids[self.prefix:])
-        self.prefix = self.read = len(self.ids)
-        return text[len(before):]
+        return self._take(self._text.text)
+
+    def _take(self, text: str) -> str:
+        piece = text[self._emitted:]
+        self._emitted = len(text)
+        return piece
 
 
 def _image_source(item: Any, index: int) -> tuple[str, Any]:
