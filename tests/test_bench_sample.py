@@ -12,7 +12,8 @@ from duboko.cli.main import main
 
 
 def test_bench_sample_records_unconditional_and_guided(capsys):
-    assert main(["bench", "sample", "--json", "--images", "2", "--steps", "2", "--repeats", "1", "--threads", "1"]) == 0
+    assert main(["bench", "sample", "--json", "--images", "2", "--steps", "2", "--repeats", "1", "--threads", "1",
+                 "--precision", "auto"]) == 0
     r = json.loads(capsys.readouterr().out)
     rows = {row["recipe"]: row for row in r["models"]}
     assert set(rows) == {"mnist-diffusion", "mnist-diffusion-class"} and r["unit"] == "images"
@@ -64,3 +65,23 @@ def test_bench_sample_user_errors(capsys, argv, words):
     assert main(["bench", "sample", "--steps", "1", "--images", "1", *argv]) == 2
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err
+
+
+def test_bench_sample_times_the_code_path_of_duboko_sample(tmp_path):
+    """The bench's model and condition are `duboko sample`'s: the model as `load_run` builds it
+    (eval, default memory format although the recipe trains channels-last), the digits 0-9 in
+    turn (cli/diffusion.py's `_conditions` without --label/--prompt), the recipe's guidance, and
+    fp32 by default as the CLI samples."""
+    from duboko.cli.diffusion import _conditions
+
+    task, model, _, _ = sample._task_and_model("mnist-diffusion-class", None, [], "cpu")
+    assert not model.training and task.config.train.channels_last
+    assert all(p.is_contiguous() for p in model.parameters())  # not channels-last
+    assert sample.user_conditions(task, 12) == _conditions(task, None, None, 12)
+    assert sample.user_conditions(task, 12)["labels"][:11] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0]
+    task.conditioning = "none"  # an unconditional run: no condition (cli: neither --label nor --prompt)
+    assert sample.user_conditions(task, 4) == {} == _conditions(task, None, None, 4)
+    r = sample.run_sample(recipes=["mnist-diffusion-class"], images=2, steps=1, repeats=1, threads=1, device="cpu")
+    row = r["models"][0]
+    assert row["precision"] == "fp32" and row["guidance"] == task.config.data.guidance and row["conditioning"] == "class"
+    assert "generate_batched" in row["code_path"] and "omp_wait_policy" in r["hardware"]

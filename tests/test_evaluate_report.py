@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from duboko.cli.main import main
+from duboko.errors import DubokoError
 from duboko.evaluate.plots import save_grid
 from duboko.evaluate.report import build_report, write_report
 
@@ -121,3 +122,96 @@ def test_seq2seq_and_diffusion_sections_from_files(tmp_path):
     text = path.read_text()
     assert_self_contained(text)
     assert "samples/epoch_001.png" in text and "guidance.png" in text and "fake.png" not in text
+
+
+# -- diffusion: the sample grids, the guidance sweep (conditional runs), the noising strip ---------------
+TINY_UNET = ["model.base_channels=8", "model.channel_mults=[1, 2]", "model.groups=4", "model.num_heads=2",
+             "model.attention_resolutions=[7]", "data.limit_train=64", "data.val_size=16", "data.eval_samples=0",
+             "data.grid_rows=1", "data.grid_steps=2", "data.eval_batch_size=16", "train.epochs=1",
+             "train.batch_size=16", "train.warmup_steps=0", "train.ema_decay=0", "train.num_threads=1"]
+
+
+@pytest.fixture(scope="module")
+def diffusion_runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("rep-diffusion")
+    runs = {}
+    for name, recipe in (("class", "mnist-diffusion-class"), ("uncond", "mnist-diffusion")):
+        runs[name] = root / name
+        assert main(["train", recipe, "--quiet", "--out", str(runs[name]), *sets(TINY_UNET)]) == 0
+    return runs
+
+
+def _figure_of(text: str, alt: str) -> str:
+    """The <figure> holding the picture `alt` (its inline PNG and its caption)."""
+    pattern = r'<figure><img alt="' + re.escape(alt) + r'"[^>]*src="(data:image/png;base64,[^"]+)"><figcaption>[^<]+</figcaption></figure>'
+    match = re.search(pattern, text)
+    assert match, f"no {alt} figure"
+    return match.group(1)
+
+
+def test_diffusion_run_writes_and_reports_the_sweep_and_the_noising_strip(diffusion_runs):
+    conditional, unconditional = diffusion_runs["class"], diffusion_runs["uncond"]
+    # The end of training writes both pictures for a conditional run, only the strip otherwise.
+    assert (conditional / "guidance_sweep.png").read_bytes().startswith(PNG)
+    assert (conditional / "noising.png").read_bytes().startswith(PNG)
+    assert (unconditional / "noising.png").read_bytes().startswith(PNG)
+    assert not (unconditional / "guidance_sweep.png").exists()
+    # ... and the report.html that `duboko train` wrote shows them, captioned, with the grids.
+    text = (conditional / "report.html").read_text()
+    assert_self_contained(text)
+    for heading in ("Sample grids per epoch", "Guidance sweep", "Noising strip"):
+        assert f"<h3>{heading}</h3>" in text, heading
+    sweep = _figure_of(text, "guidance sweep")
+    assert base64.b64decode(sweep.split(",", 1)[1]) == (conditional / "guidance_sweep.png").read_bytes()
+    _figure_of(text, "noising strip")
+    assert 'alt="samples/epoch_001.png"' in text and "ddim, 2 steps, guidance 3" in text
+    text = (unconditional / "report.html").read_text()
+    assert_self_contained(text)
+    assert "<h3>Noising strip</h3>" in text and "Guidance sweep" not in text
+    _figure_of(text, "noising strip")
+
+
+def test_report_draws_missing_diffusion_pictures_from_the_model(diffusion_runs, tmp_path, capsys):
+    import shutil
+
+    old = tmp_path / "old"  # an older run folder: no sweep, no strip
+    shutil.copytree(diffusion_runs["class"], old)
+    (old / "guidance_sweep.png").unlink()
+    (old / "noising.png").unlink()
+    assert main(["report", str(old), "--files-only", "--out", str(tmp_path / "files.html")]) == 0
+    text = (tmp_path / "files.html").read_text()
+    assert "(no guidance sweep: the run folder has none" in text and "(no noising strip" in text
+    assert main(["report", str(old), "--out", str(tmp_path / "model.html")]) == 0
+    text = (tmp_path / "model.html").read_text()
+    assert_self_contained(text)
+    _figure_of(text, "guidance sweep")
+    _figure_of(text, "noising strip")
+    assert "Drawn now from the model" in text and "Drawn now: the run folder has no noising.png" in text
+    assert not (old / "guidance_sweep.png").exists()  # the report does not write into the run folder
+
+
+def test_guidance_sweep_rows_share_the_noise_and_match_plain_sampling(diffusion_runs):
+    """Row w of the sweep is exactly `generate(guidance=w)` for the ten digits with the grids'
+    seed: the same x_T down each column, so the rows differ by the guidance alone."""
+    from duboko.evaluate.diffusion import strip_timesteps
+    from duboko.train.run import load_run
+
+    loaded = load_run(diffusion_runs["class"], device="cpu")
+    task, model = loaded.task, loaded.model
+    images, columns = task.guidance_sweep(model, guidances=(0.0, 1.0, 4.0))
+    assert images.shape == (3, 10, 1, 28, 28) and columns == [f"digit {d}" for d in range(10)]
+    for row, w in enumerate((0.0, 1.0, 4.0)):
+        plain = task.generate(model, 10, labels=list(range(10)), sampler="ddim", steps=2, guidance=w).images
+        torch.testing.assert_close(images[row], plain.cpu())
+    assert not torch.allclose(images[0], images[2])  # the guidance changes the images
+    # The noising strip: x_t = √ᾱ x_0 + √(1-ᾱ) ε with the run's schedule, from clean to pure noise.
+    frames = task.noising_strip(n=3)
+    assert [t for t, _, _ in frames] == strip_timesteps(1000) == [0, 50, 100, 250, 500, 750, 1000]
+    x0 = frames[0][2]
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(task.config.data.eval_seed))
+    for t, abar, xt in frames[1:]:
+        assert abar == pytest.approx(float(task.scheduler.alphas_cumprod[t - 1]))
+        torch.testing.assert_close(xt, abar ** 0.5 * x0 + (1 - abar) ** 0.5 * noise, rtol=1e-5, atol=1e-5)
+    assert frames[-1][1] < 1e-3 and frames[1][1] > 0.99
+    with pytest.raises(DubokoError, match="unconditional"):
+        load_run(diffusion_runs["uncond"], device="cpu").task.sweep_columns()

@@ -234,3 +234,182 @@ def test_unet_denoiser_step_export_parity(tmp_path):
         expected = loaded.model(x, t, y)
     assert expected.abs().max() > 0.1  # a real signal, not the zero output
     assert (got - expected).abs().max() <= E.DEFAULT_TOLERANCE
+
+
+# ---------------------------------------------------------------------------------------------
+# Two-graph families: seq2seq (encoder + decoder step) and text-to-image (text encoder + denoiser).
+
+# 64 steps on numbers below 10,000: enough that greedy outputs differ per source and end in EOS
+# (e.g. "two hundred--", "nine"), a few seconds on 2 cores.
+SEQ2SEQ = ["train_size=1024", "val_size=20", "test_size=20", "epochs=4", "batch_size=64", "eval_every=20", "lr=3e-3",
+           "warmup_steps=10", "d_model=32", "dim_feedforward=64", "num_heads=4", "num_encoder_layers=1",
+           "num_decoder_layers=2", "max_number=9999", "train.num_threads=1"]
+TEXT2IMG = ["model.base_channels=8", "model.channel_mults=[1, 2]", "model.groups=4", "model.num_heads=2",
+            "model.attention_resolutions=[7]", "model.cross_attention_resolutions=[7]", "model.text_dim=16",
+            "model.text_layers=1", "model.text_heads=2", "data.limit_train=64", "data.val_size=16",
+            "data.eval_samples=0", "data.grid_rows=0", "data.eval_batch_size=16", "train.epochs=1",
+            "train.batch_size=16", "train.num_threads=1", "train.report=false"]
+
+
+def _meta(path: Path) -> dict[str, str]:
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+def _assert_parity_grid(checks: list[dict], graph: str) -> float:
+    """Random and real inputs, two batch sizes, two lengths; returns the worst error."""
+    rows = [c for c in checks if c.get("graph") == graph]
+    assert {(c["inputs"], c["batch"], c["seq_len"]) for c in rows} == {
+        (kind, b, t) for kind in ("random", "real") for b in {c["batch"] for c in rows} for t in {c["seq_len"] for c in rows}}
+    assert len({c["batch"] for c in rows}) == 2 and len({c["seq_len"] for c in rows}) == 2
+    worst = max(c["max_abs_error"] for c in rows)
+    assert worst <= E.DEFAULT_TOLERANCE
+    return worst
+
+
+def test_graph_path_naming():
+    assert E.graph_path("runs/x/model.onnx", "") == Path("runs/x/model.onnx")
+    assert E.graph_path("runs/x/model.onnx", "encoder") == Path("runs/x/model.encoder.onnx")
+    assert E.graph_path("nums", "decoder_step") == Path("nums.decoder_step.onnx")
+
+
+@pytest.mark.slow
+def test_seq2seq_export_greedy_decoding_in_onnxruntime_equals_torch(tmp_path, capsys):
+    """`duboko export` on a seq2seq run writes the encoder and the decoder step; from the two
+    files alone (their metadata: tokenizer, special ids, sizes) greedy decoding in ONNX Runtime
+    gives PyTorch's tokens on every held-out source at batch 20, and on 5 of them one by one."""
+    import onnxruntime as ort
+
+    from duboko.cli.main import main
+
+    run = tmp_path / "s2s"
+    fit(C.resolve("numbers-seq2seq", SEQ2SEQ), run, quiet=True)
+    capsys.readouterr()
+    assert main(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "nums.onnx")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    enc_path, dec_path = tmp_path / "nums.encoder.onnx", tmp_path / "nums.decoder_step.onnx"
+    assert lines[0].startswith(f"wrote {enc_path} ") and lines[1].startswith(f"wrote {dec_path} ")
+    assert "max abs error" in lines[0] and lines[2].startswith("checked: greedy decoding") and len(lines) == 3
+    enc_meta, dec_meta = _meta(enc_path), _meta(dec_path)
+    for graph, meta in (("encoder", enc_meta), ("decoder_step", dec_meta)):
+        worst = _assert_parity_grid(json.loads(meta["parity_checks"]), graph)
+        print(f"ONNX parity seq2seq {graph}: max abs error {worst:.2e} (tolerance {E.DEFAULT_TOLERANCE:g})")
+        assert json.loads(meta["recipe"])["recipe"] == "numbers-seq2seq" and meta["graph"] == graph
+        assert json.loads(meta["graphs"]) == {"encoder": enc_path.name, "decoder_step": dec_path.name}
+        assert json.loads(meta["special_ids"]) == {"pad": 0, "bos": 1, "eos": 2, "unk": 3}
+        assert int(meta["max_len"]) == 64
+    loaded = load_run(run, device="cpu")
+    tok = loaded.task.tokenizer
+    assert json.loads(enc_meta["tokenizer"])["pieces"] == tok.pieces
+    assert all(r["identical"] == r["sequences"] for r in json.loads(dec_meta["pipeline_checks"]))
+
+    enc, dec = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (enc_path, dec_path))
+    decoding = json.loads(dec.get_modelmeta().custom_metadata_map["decoding"])
+    loaded.task._ensure_data()
+    sources = [s for s, _ in loaded.task.encoded["test"]]
+    src = torch.zeros(len(sources), max(map(len, sources)), dtype=torch.long)  # right-padded with pad (0)
+    for i, s in enumerate(sources):
+        src[i, : len(s)] = torch.tensor(s)
+    expected = loaded.model.greedy_decode(src)
+    got = E.greedy_decode_onnx(enc, dec, src, decoding)
+    singles = [E.greedy_decode_onnx(enc, dec, src[i : i + 1, : len(s)], decoding)[0] for i, s in enumerate(sources[:5])]
+    print(f"seq2seq greedy decoding: ONNX Runtime == PyTorch for {sum(e == g for e, g in zip(expected, got))} of "
+          f"{len(sources)} held-out sources (batch {len(sources)}), e.g. {tok.decode(got[0])!r}")
+    assert got == expected and singles == expected[:5]  # batch 20, and unpadded one by one
+    assert len({tuple(e) for e in expected}) > 2  # the outputs differ per source: not a constant
+    assert any(len(e) < 63 for e in expected)  # some stop at EOS before max_len
+
+    # The loop check catches a real mismatch: PyTorch with one changed weight against these graphs.
+    specs = E.export_plan(loaded).specs
+    with torch.no_grad():
+        loaded.model.head.weight[4:].add_(0.5 * torch.randn_like(loaded.model.head.weight[4:]))
+    with pytest.raises(DubokoError, match="greedy decoding differs .* nothing written"):
+        E._seq2seq_greedy_check(loaded, specs, {"encoder": enc, "decoder_step": dec}, E.DEFAULT_TOLERANCE)
+
+
+def test_two_graph_families_refuse_int8_and_bench_in_one_line(tmp_path):
+    run = tmp_path / "s2s"
+    fit(C.resolve("numbers-seq2seq", SEQ2SEQ[:4] + ["epochs=1", "max_steps=1", "d_model=16", "dim_feedforward=32",
+                                                     "num_encoder_layers=1", "num_decoder_layers=1", "max_number=9999"]),
+        run, quiet=True)
+    out = _duboko("export", str(run), "--quantize", "int8", "--out", str(tmp_path / "q.onnx"))
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0
+    assert "--quantize int8 covers single-graph families" in out.stderr
+    assert not list(tmp_path.glob("q*.onnx"))
+    loaded = load_run(run, device="cpu")
+    with pytest.raises(DubokoError, match="exports 2 graphs \\(encoder, decoder_step\\)"):
+        E.graph_spec(loaded)
+
+
+def _onnx_only_text_to_image(enc_path: Path, den_path: Path, prompts: list[str], steps: int, guidance: float,
+                             x_T: torch.Tensor):
+    """Guided DDIM (eta 0) from the two exported files and their metadata only: numpy and
+    ONNX Runtime, no duboko, no PyTorch model (what an app in another language would do)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    enc, den = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (enc_path, den_path))
+    meta = den.get_modelmeta().custom_metadata_map
+    tok, schedule = json.loads(meta["tokenizer"]), json.loads(meta["schedule"])
+    assert schedule["prediction_type"] == "epsilon" and schedule["timestep_spacing"] == "leading"
+    ids = {ch: i + 2 for i, ch in enumerate(tok["alphabet"])}  # pad 0, BOS 1, then the alphabet
+    rows = [[tok["bos"]] + [ids[ch] for ch in " ".join(p.lower().split())] for p in prompts]
+    rows += [json.loads(meta["null_prompt"])] * len(prompts)  # [prompts; null prompts] for guidance
+    tokens = np.zeros((len(rows), max(map(len, rows))), dtype=np.int64)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)] = r
+    context, mask = enc.run(None, {"tokens": tokens})
+    abar = np.asarray(schedule["alphas_cumprod"], dtype=np.float32)
+    ratio = schedule["num_train_timesteps"] // steps
+    x = x_T.numpy()
+    for t in (np.arange(steps) * ratio)[::-1]:
+        out = den.run(None, {"x": np.concatenate([x, x]), "timesteps": np.full(2 * len(x), t, dtype=np.int64),
+                             "context": context, "context_mask": mask})[0]
+        cond, uncond = out[: len(x)], out[len(x):]
+        eps = uncond + guidance * (cond - uncond)
+        a, a_prev = abar[t], (abar[t - ratio] if t - ratio >= 0 else np.float32(1.0))
+        x0 = np.clip((x - np.sqrt(1 - a) * eps) / np.sqrt(a), -1, 1)
+        eps = (x - np.sqrt(a) * x0) / np.sqrt(1 - a)  # from the clipped x̂_0 (use_clipped_model_output)
+        x = np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * eps  # DDIM eq. 12, eta = 0
+    return torch.from_numpy(np.clip(x, -1, 1))
+
+
+@pytest.mark.slow
+def test_text_to_image_export_parity_and_an_onnx_only_ddim_run(tmp_path):
+    """The text-conditioned UNet exports as the prompt encoder and the denoiser step; parity at two
+    batch sizes and two prompt lengths; a 5-step guided DDIM text-to-image run from the files alone
+    (numpy + ONNX Runtime) gives the PyTorch pipeline's images within 1e-3. The weights are
+    perturbed first: a tiny run still has its zero-initialised output convolution (see above)."""
+    from duboko.seeding import generator
+
+    run = tmp_path / "t2i"
+    fit(C.resolve("mnist-text2img", TEXT2IMG), run, quiet=True)
+    loaded = load_run(run, device="cpu", setup_task=False)
+    E.setup_for_export(loaded)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in loaded.model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    report = E.export_loaded(loaded, tmp_path / "t2i.onnx")
+    enc_path, den_path = tmp_path / "t2i.text_encoder.onnx", tmp_path / "t2i.denoiser.onnx"
+    assert [f.path for f in report.files] == [enc_path, den_path]
+    for graph in ("text_encoder", "denoiser"):
+        worst = _assert_parity_grid(report.checks, graph)
+        print(f"ONNX parity text-to-image {graph}: max abs error {worst:.2e} (tolerance {E.DEFAULT_TOLERANCE:g})")
+    ddim = report.pipeline_checks
+    print("export's DDIM check, images max abs error: " + ", ".join(f"batch {r['batch']} {r['max_abs_error']:.2e}" for r in ddim))
+    assert {r["batch"] for r in ddim} == set(E.PARITY_BATCHES)
+    meta = _meta(den_path)
+    assert json.loads(meta["tokenizer"])["kind"] == "duboko-prompt-char" and meta["graph"] == "denoiser"
+    assert len(json.loads(meta["schedule"])["alphas_cumprod"]) == 1000
+    assert json.loads(_meta(enc_path)["graphs"]) == {"text_encoder": enc_path.name, "denoiser": den_path.name}
+
+    prompts, steps, guidance, seed = ["a handwritten digit seven", "the number 3", "two"], 5, 3.0, 11
+    torch_images = loaded.task.generate(loaded.model, len(prompts), prompts=prompts, sampler="ddim", steps=steps,
+                                        guidance=guidance, eta=0.0, seed=seed).images
+    x_T = torch.randn((len(prompts), 1, 28, 28), generator=generator(seed))  # the pipeline's first draw
+    onnx_images = _onnx_only_text_to_image(enc_path, den_path, prompts, steps, guidance, x_T)
+    err = float((onnx_images - torch_images).abs().max())
+    print(f"text-to-image DDIM ({steps} steps, guidance {guidance}) from the ONNX files alone vs the PyTorch "
+          f"pipeline: max abs error {err:.2e}")
+    assert torch_images.std() > 0.1  # real images, not a constant
+    assert err <= 1e-3

@@ -51,7 +51,9 @@ def test_recipes_resolve_with_fashion_settings(recipe):
     cfg = C.resolve(recipe)
     assert cfg.data.dataset == "fashion-mnist" and cfg.data.channels == 1 and cfg.data.image_size == 28
     assert (cfg.data.mean, cfg.data.std) == (fm.MEAN, fm.STD) and cfg.data.hflip
-    assert cfg.train.precision == "auto" and cfg.model["num_classes"] == 10
+    # bf16 where native, except the ViT: its recipe pins fp32 because bf16 autocast measured 2x slower
+    # for it on an AMX CPU (the recipe's comment has the numbers).
+    assert cfg.train.precision == ("fp32" if recipe == "fashion-vit" else "auto") and cfg.model["num_classes"] == 10
     assert "not yet measured" in cfg.description or "%" in cfg.description
 
 

@@ -1,7 +1,5 @@
 """Sampling: temperature / top-k / top-p / repetition penalty, seeds, stop strings, cache equivalence."""
 
-import math
-
 import pytest
 import torch
 from torch import nn
@@ -174,3 +172,83 @@ def test_streamer_with_bpe_and_stop_string_matches_full_decode():
         s(t)
     s.flush()
     assert "".join(written) == cut_at_stop(full, [stop]) == s.text()
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPT's fused one-token step (preallocated key/value buffer written in place) against the
+# module path: the same tokens for greedy and seeded sampling, and the same logits per state.
+
+
+def _gpt(positional="learned", block_size=12):
+    from duboko.models.transformer import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=23, block_size=block_size, n_layer=2, n_head=2, n_embd=16, positional=positional))
+    with torch.no_grad():  # larger weights than the 0.02 init: peaked logits that depend on the context
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("positional", ["learned", "sinusoidal", "none"])
+@pytest.mark.parametrize("options", [dict(temperature=0), dict(temperature=1.0, seed=3),
+                                     dict(temperature=0.8, top_k=10, top_p=0.9, repetition_penalty=1.3, seed=5)])
+def test_gpt_fused_decode_gives_the_module_paths_tokens(positional, options, monkeypatch):
+    """25 tokens after a 4-token prompt with block_size 12: the fused step runs for positions 4-11,
+    then the window is full and every further token re-encodes the last 12 (general path)."""
+    from duboko.models.transformer import GPT
+
+    model = _gpt(positional)
+    steps = []
+    fused_step = GPT._decode_one
+    monkeypatch.setattr(GPT, "_decode_one", lambda self, idx, state: steps.append(1) or fused_step(self, idx, state))
+    fast = generate(model, [1, 2, 3, 4], 25, **options)
+    assert len(steps) == 8  # the fused step did run, for the positions within the window
+    monkeypatch.setattr(GPT, "_fast_decode_ok", lambda self: False)  # the blocks' own forward
+    slow = generate(model, [1, 2, 3, 4], 25, **options)
+    full = generate(model, [1, 2, 3, 4], 25, use_cache=False, **options)
+    assert fast == slow == full and len(fast) == 25
+    assert len(set(fast)) > 1
+
+
+def test_fused_decode_writes_in_place_and_branches_copy():
+    """A state's next position is written into its buffer in place (no concatenation); a second
+    continuation of the same state gets its own copy and leaves the first branch intact."""
+    model = _gpt().eval()
+    seq = torch.tensor([[5, 1, 7, 2, 9, 4, 11]])
+
+    def reference(ids):  # no cache: the whole sequence through the blocks
+        return model(ids)[0][:, -1]
+
+    with torch.no_grad():
+        _, s4 = model(seq[:, :4])  # general path (prefill)
+        _, s5 = model(seq[:, 4:5], s4)  # fused: a buffer copied from the prefill
+        la, sa = model(seq[:, 5:6], s5)  # branch A, in place
+        lb, sb = model(torch.tensor([[3]]), s5)  # branch B from the same state: a copy
+        la2, sa2 = model(seq[:, 6:7], sa)  # A goes on in place
+        torch.testing.assert_close(la[:, -1], reference(seq[:, :6]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lb[:, -1], reference(torch.cat((seq[:, :5], torch.tensor([[3]])), 1)), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(la2[:, -1], reference(seq), atol=1e-5, rtol=1e-5)
+    k5, ka, kb, ka2 = (s.layers[0][0] for s in (s5, sa, sb, sa2))
+    assert ka.data_ptr() == k5.data_ptr() == ka2.data_ptr() and sa.buffer is s5.buffer is sa2.buffer
+    assert kb.data_ptr() != k5.data_ptr() and sb.buffer is not s5.buffer
+    assert sa2.offset == 7 and torch.equal(sa2.tokens, seq) and torch.equal(sb.tokens[:, -1], torch.tensor([3]))
+    assert ka2.shape == (1, 2, 7, 8) and sa2.buffer.kv.shape == (2, 2, 1, 2, 12, 8)
+
+
+def test_fused_decode_state_from_inference_mode_and_under_autograd():
+    """A state made under inference_mode (as `generate` does) goes on under no_grad (its buffer is
+    copied: inference tensors cannot be written outside inference mode); with autograd on, the
+    general path runs (the stacked weights are copies without gradients)."""
+    model = _gpt().eval()
+    seq = torch.tensor([[5, 1, 7, 2, 9, 4]])
+    with torch.inference_mode():
+        _, s = model(seq[:, :4])
+        _, s = model(seq[:, 4:5], s)
+    with torch.no_grad():
+        logits, s2 = model(seq[:, 5:6], s)
+        assert model._fast_decode_ok() and s2.buffer is not s.buffer
+        torch.testing.assert_close(logits[:, -1], model(seq)[0][:, -1], atol=1e-5, rtol=1e-5)
+    assert not model._fast_decode_ok()  # grad enabled here
+    logits, s3 = model(seq[:, 5:6], s2)
+    assert s3.buffer is None and logits.requires_grad

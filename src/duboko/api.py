@@ -226,6 +226,7 @@ def train(
     verbose: bool = False,
     progress: bool | None = None,
     data_dir: str | None = None,
+    init_from: str | Path | Run | None = None,
     overrides: Mapping[str, Any] | Sequence[str] | None = None,
     **fields: Any,
 ) -> Run:
@@ -241,6 +242,8 @@ def train(
         progress: progress bars: None on a terminal only (when verbose), True always (a notebook
             widget in Jupyter, through `tqdm.auto`), False never.
         data_dir: folder with the data files (sets data.data_dir or data.path).
+        init_from: fine-tune: a run folder (or `Run`) whose weights, model and tokenizer the new
+            run starts from, e.g. a GPT-2 from `duboko import-hf` (sets train.init_from).
         overrides: dotted config overrides, {"train.lr": 3e-4} or ["train.lr=3e-4"].
         **fields: bare config overrides, e.g. `epochs=1, batch_size=128`.
 
@@ -253,11 +256,19 @@ def train(
     Example (not run here: it trains):
         run = duboko.train("digits", out="runs/digits", epochs=2, overrides={"train.lr": 3e-3})
         run.metrics["test_accuracy"]
+        tuned = duboko.train("shakespeare-gpt", out="runs/tuned", init_from="runs/gpt2",
+                             overrides={"data.path": "my.txt"}, max_steps=200)
     """
     from duboko.train.engine import Trainer
-    from duboko.train.run import CONFIG
+    from duboko.train.run import CONFIG, verify_init_source
 
     pairs = _override_pairs(overrides, fields)
+    if init_from is not None:
+        if resume:
+            raise DubokoError("init_from starts a new run; a resumed run continues from its own weights (drop one)")
+        source = str(init_from.run_dir if isinstance(init_from, Run) else init_from)
+        verify_init_source(source)  # before its config.json is parsed
+        pairs.append(("train.init_from", source))
     if resume:
         if isinstance(recipe, Mapping) or (out is not None and Path(out) != Path(recipe)):
             raise DubokoError("resume continues the run folder given as `recipe`; leave `out` out or give the same folder")

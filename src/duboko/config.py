@@ -63,6 +63,11 @@ class TrainConfig:
     strategy: str = "ddp"  # ddp (replicate the model per rank) | fsdp (shard it: torch's fully_shard, FSDP2)
     fsdp_cpu_offload: bool = False  # fsdp on cuda: keep sharded parameters and optimizer state in CPU memory
     grad_accum_steps: int = 1  # micro-batches per optimizer step; train.batch_size stays the step's whole batch
+    # Fine-tuning: a run folder (an earlier run, or `duboko import-weights --from hf-gpt2`) whose
+    # weights, [model] section and task assets (tokenizer, ...) this run starts from; "" = random init.
+    init_from: str = ""
+    init_from_sha256: str = ""  # SHA-256 of that run folder's manifest.json (recorded by resolve; a pin when set by hand)
+    checkpoint_layout: str = "auto"  # auto (sharded under fsdp above 256 MiB of weights + optimizer state) | full | sharded
 
 
 @dataclass
@@ -235,6 +240,7 @@ RESUME_SAFE = (
     # the same way): results stay equal to float tolerance, bit-exact only with the same setting.
     "train.strategy",
     "train.fsdp_cpu_offload",
+    "train.checkpoint_layout",
     "data.data_dir",  # where the same data lives (a moved folder)
     "data.path",
 )
@@ -371,9 +377,9 @@ def resolve(
             raise DubokoError(
                 f"recipe {name!r} sets model.{key}, which task {task_name!r} derives from {fields[key]}; set that instead"
             )
-    cfg = _build(raw, name, pairs, task_cls)
+    cfg = _build(raw, name, pairs, task_cls, recorded_ok=not is_recipe)
     if resume and pairs:
-        _check_resume_overrides(_build(raw, name, [], task_cls), cfg)
+        _check_resume_overrides(_build(raw, name, [], task_cls, recorded_ok=True), cfg)
     return cfg
 
 
@@ -385,12 +391,142 @@ def _data_dir_key(task_cls: type) -> str:
     raise DubokoError(f"task {task_cls.name!r} reads no data folder (its [data] has no data_dir or path)")
 
 
-def _build(raw: dict[str, Any], name: str, pairs: list[tuple[str, Any]], task_cls: type) -> RunConfig:
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning: `train.init_from`.
+
+MANIFEST_FILE = "manifest.json"  # duboko.train.run.MANIFEST (config sits below train: no import)
+INIT_KEYS = ("train.init_from", "init_from", "train.init_from_sha256", "init_from_sha256")
+
+
+def init_data_fields(task_cls: type) -> tuple[str, ...]:
+    """The [data] fields a run started from another run takes from that run's config: those the
+    task shares with the model (image_size) and those that fix its assets (the LM tokenizer's
+    kind and size: `Task.init_from_data_fields`)."""
+    return tuple(dict.fromkeys((*task_cls.shared_fields, *getattr(task_cls, "init_from_data_fields", ()))))
+
+
+def same_task_family(source_task: Any, task: str) -> bool:
+    """Whether a run of `task` can start from a run of `source_task`: the same task, or one
+    task's class derived from the other's (adversarial training from a plain image classifier,
+    and back: the same model, data and assets)."""
+    from duboko import registry
+
+    if source_task == task:
+        return True
+    if not isinstance(source_task, str):
+        return False
+    try:
+        a, b = registry.get_task(source_task), registry.get_task(task)
+    except DubokoError:  # a task this installation does not know
+        return False
+    return issubclass(a, b) or issubclass(b, a)
+
+
+@dataclass
+class InitSource:
+    """What `train.init_from` contributes to a config: the source run's resolved sections."""
+
+    path: str  # train.init_from as given
+    sha256: str  # of its manifest.json
+    model: dict[str, Any]  # its [model] section (name + fields)
+    data: dict[str, Any]  # its values of `init_data_fields`
+    description: str
+
+
+def read_init_source(init_from: str, task_cls: type, name: str, pinned: str = "") -> InitSource:
+    """The source run of `train.init_from`: a run folder with config.json and manifest.json, of
+    the same task as the recipe (its weights fit no other family's model). Its manifest is
+    verified in full by the engine (`train.run.verify_init_source`) before its weights are read;
+    `duboko train --init-from` verifies it before this runs too."""
+    from duboko.io import read_json, sha256_file
+
+    path = Path(init_from)
+    if not path.is_dir():
+        raise DubokoError(f"train.init_from: run folder {init_from!r} does not exist")
+    for needed in ("config.json", MANIFEST_FILE):
+        if not (path / needed).is_file():
+            raise DubokoError(f"train.init_from: {init_from!r} is not a complete duboko run folder (it has no {needed})")
+    digest = sha256_file(path / MANIFEST_FILE)
+    if pinned and pinned != digest:
+        raise DubokoError(
+            f"train.init_from_sha256 pins {pinned[:16]}…, but the manifest of {init_from!r} now hashes to "
+            f"{digest[:16]}…: the source run changed since; clear train.init_from_sha256 to start from it as it is"
+        )
+    raw = read_json(path / "config.json")
+    if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict) or not raw["model"].get("name"):
+        raise DubokoError(f"train.init_from: {path / 'config.json'} is not a duboko config (no [model] with a name)")
+    raw = _upgrade(raw)
+    if not same_task_family(raw.get("task"), task_cls.name):
+        raise DubokoError(
+            f"train.init_from {init_from!r} is a {raw.get('task')!r} run, but recipe {name!r} trains task "
+            f"{task_cls.name!r}: a run starts only from the weights of a run of its own task family"
+        )
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    fields = {k: data[k] for k in init_data_fields(task_cls) if k in data}
+    return InitSource(init_from, digest, dict(raw["model"]), fields, str(raw.get("description", "")))
+
+
+def _with_init_source(raw: dict[str, Any], name: str, pairs: list[tuple[str, Any]], task_cls: type,
+                      recorded_ok: bool) -> tuple[dict[str, Any], InitSource | None]:
+    """`raw` with the [model] section (and `init_data_fields`) of the `train.init_from` run, before
+    the overrides are applied; and that source (None: no init_from, or a run folder's config that
+    recorded it already, so that resume, eval and inference never need the source again)."""
+    # Only [train] has these two keys, so the overrides that set them are found by name (the
+    # others wait until the source's [model] is in place: they may name its fields).
+    given = {k.removeprefix("train."): v for k, v in pairs if k in INIT_KEYS}
+    effective = {**raw.get("train", {}), **given}
+    init_from = effective.get("init_from") or ""
+    if not init_from:
+        return raw, None
+    if not isinstance(init_from, str):
+        raise DubokoError(f"train.init_from expects the path of a run folder, got {init_from!r}")
+    recorded = effective.get("init_from_sha256") or ""
+    if not isinstance(recorded, str):
+        raise DubokoError(f"train.init_from_sha256 expects a hex digest, got {recorded!r}")
+    changed = init_from != raw.get("train", {}).get("init_from")
+    if changed and "init_from_sha256" not in given:
+        recorded = ""  # the recorded hash was another source's
+    if recorded_ok and recorded and not changed:
+        return raw, None
+    source = read_init_source(init_from, task_cls, name, pinned=recorded)
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    raw["model"] = dict(source.model)  # the source's architecture wins over the recipe's
+    raw["data"] = {**raw.get("data", {}), **source.data}
+    raw["train"] = {**raw.get("train", {}), "init_from": init_from, "init_from_sha256": source.sha256}
+    # The recipe's own description names its architecture, which is not this run's.
+    raw["description"] = (f"Fine-tuned from {init_from} ({source.description or 'no description'}) "
+                          f"with the data and training settings of recipe {name!r}")
+    return raw, source
+
+
+def _check_init_conflicts(cfg: RunConfig, source: InitSource, task_cls: type) -> None:
+    """An override that changes the source run's architecture (or its assets' data fields) is one
+    error naming the key and both values: the source's weights would not fit."""
+    from duboko import registry
+
+    model = dict(source.model)
+    spec = registry.get_spec(str(model.pop("name")))
+    theirs = {"name": spec.name, **dataclasses.asdict(build_dataclass(spec.config_cls, {**spec.defaults, **model}, "model"))}
+    hints = typing.get_type_hints(task_cls.data_config)
+    wanted = [(f"model.{k}", v, cfg.model.get(k)) for k, v in theirs.items()]
+    wanted += [(f"data.{k}", coerce(v, hints[k], f"data.{k}"), getattr(cfg.data, k)) for k, v in source.data.items()]
+    for key, expected, got in wanted:
+        if got != expected:
+            raise DubokoError(
+                f"{key}={got!r} conflicts with train.init_from {source.path!r}, whose run has {key}={expected!r}: "
+                "a run started from another run's weights keeps its architecture and tokenizer (drop the override, "
+                "or train from scratch without init_from)"
+            )
+
+
+def _build(raw: dict[str, Any], name: str, pairs: list[tuple[str, Any]], task_cls: type,
+           recorded_ok: bool = True) -> RunConfig:
     from duboko import registry
 
     for section in ("model", "data", "train"):
         if not isinstance(raw.get(section, {}), dict):
             raise DubokoError(f"[{section}] must be a table of key = value, got {type(raw[section]).__name__}")
+    raw, source = _with_init_source(raw, name, pairs, task_cls, recorded_ok)
     raw = apply_overrides(raw, pairs, task_cls)
     model_section = dict(raw["model"])
     model_name = model_section.pop("name", None)
@@ -409,6 +545,8 @@ def _build(raw: dict[str, Any], name: str, pairs: list[tuple[str, Any]], task_cl
         data=data_cfg,
         train=train_cfg,
     )
+    if source is not None:
+        _check_init_conflicts(cfg, source, task_cls)
     task_cls.check(cfg)
     return cfg
 
@@ -450,6 +588,7 @@ CHOICES = {
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "nonfinite": ("stop", "skip"),
     "strategy": ("ddp", "fsdp"),
+    "checkpoint_layout": ("auto", "full", "sharded"),
 }
 
 

@@ -1,16 +1,25 @@
 """`duboko bench sample`: diffusion sampling speed as a user feels it — DDIM-50 on a batch of 16,
 i.e. the seconds until a 16-image grid is ready, and images/s.
 
-Each recipe's UNet is built at the recipe's size (untrained by default: sampling speed does not
-depend on the weights; the record says so) or loaded from a trained run with `--run`. Sampling
-calls the task's own `generate` (the diffusion pipeline, with classifier-free guidance for
-conditioned recipes at the recipe's guidance scale), under the precision asked for (`auto`: bf16
-autocast only where the hardware computes it natively). One untimed warm-up call, then `repeats`
-timed grids; the median is reported.
+It times what `duboko sample RUN --n 16 --steps 50` does, on the same code path: the model as
+`load_run` gives it (built from the registry, eval mode, contiguous memory format; untrained at the
+recipe's size by default, since sampling speed does not depend on the weights, or loaded from a
+trained run with `--run`), the digits 0-9 in turn as the condition of a conditioned recipe, the
+recipe's guidance scale (cond and uncond in one batch of 2·16), `task.generate_batched` at the
+run's eval batch size, fp32 and torch's thread count unless asked otherwise. One untimed warm-up
+grid, then `repeats` timed grids; the median is reported, with the process's CPU time.
+
+Why the thread count and the machine's load matter (measured, 2-core CPU, see docs/benchmarks.md):
+with 2 OpenMP threads and the other core busy, libgomp's default wait policy spins at every
+barrier of every op, and a UNet call took 1.6 CPU-s instead of 0.13 (12x, user time, no page
+faults) — the 51-56 s grids of the first measurement, against 2.7 s measured by the studio on a
+quieter machine. One thread (55 ms of CPU per batch-32 call) or OMP_WAIT_POLICY=PASSIVE (set
+before torch loads) does not have that failure mode. The record keeps the policy in force.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Any
@@ -33,17 +42,29 @@ def _task_and_model(recipe: str, run: str | None, overrides: list[str], device: 
 
         loaded = load_run_of(run, ("diffusion",), device)
         return loaded.task, loaded.model, loaded.config.recipe, f"trained ({run})"
+    from duboko import registry
+
     _, raw = C.load_recipe_file(recipe)
     if raw.get("task") != "diffusion":
         raise DubokoError(f"bench sample needs diffusion recipes; {recipe!r} is a {raw.get('task')!r} recipe")
     # Only the sampler's tensors are needed, not the training set: keep the data tiny.
     cfg = C.resolve(recipe, ["data.limit_train=256", *overrides])
-    trainer = common.EngineTrainer(cfg, device)
-    return trainer.task, trainer.trainer.eval_model(), recipe, "untrained (recipe size; speed does not depend on the weights)"
+    trainer = common.EngineTrainer(cfg, device)  # builds and sets up the task (its schedule, the text encoder's vocabulary)
+    # The model as `load_run` builds it for `duboko sample`: from the registry, in eval mode, in the
+    # default memory format (the trainer's copy is channels-last when the recipe trains so).
+    model_cfg = dict(cfg.model)
+    model = registry.build_model(model_cfg.pop("name"), model_cfg).to(trainer.task.device).eval()
+    return trainer.task, model, recipe, "untrained (recipe size; speed does not depend on the weights)"
+
+
+def user_conditions(task, n: int) -> dict[str, Any]:
+    """The condition `duboko sample RUN --n n` uses without --label/--prompt: the digits 0-9 in
+    turn for a conditioned run (a text run turns them into held-out captions), none otherwise."""
+    return {"labels": task.balanced_labels(n)} if getattr(task, "conditioning", "none") != "none" else {}
 
 
 def bench_one(recipe: str, *, run: str | None = None, overrides: list[str] | None = None, images: int = 16,
-              steps: int = 50, repeats: int = 2, precision: str = "auto", device: str = "cpu",
+              steps: int = 50, repeats: int = 2, precision: str = "fp32", device: str = "cpu",
               threads: int = 0, channels_last: bool = False) -> dict[str, Any]:
     task, model, name, weights = _task_and_model(recipe, run, overrides or [], device)
     if threads:
@@ -53,20 +74,17 @@ def bench_one(recipe: str, *, run: str | None = None, overrides: list[str] | Non
     if channels_last:
         model.to(memory_format=torch.channels_last)
     prec = resolve_precision(precision, dev)
-    cond: dict[str, Any] = {}
     conditioning = getattr(task, "conditioning", None)
-    if conditioning in ("class", "text"):
-        cond = task._grid_condition(images)
-        if "prompts" in cond:
-            cond["prompts"] = cond["prompts"][:images]
-    guidance = task.config.data.guidance if conditioning in ("class", "text") else 1.0
+    cond = user_conditions(task, images)
+    guidance = task.config.data.guidance if cond else 1.0
 
     def grid() -> tuple[float, float]:
         common.sync(dev)
         cpu_start = time.process_time()
         start = time.perf_counter()
-        with torch.no_grad(), autocast(dev, prec):
-            task.generate(model, images, sampler="ddim", steps=steps, seed=0, **cond)
+        # `duboko sample`'s call (cli/diffusion.py): batches of data.eval_batch_size, seed 0.
+        with autocast(dev, prec):
+            task.generate_batched(model, images, sampler="ddim", steps=steps, seed=0, **cond)
         common.sync(dev)
         return time.perf_counter() - start, time.process_time() - cpu_start
 
@@ -85,6 +103,7 @@ def bench_one(recipe: str, *, run: str | None = None, overrides: list[str] | Non
         "precision": prec,
         "channels_last": channels_last,
         "sampler": "ddim",
+        "code_path": "task.generate_batched, as `duboko sample --n N --steps S`",
         "steps": steps,
         "images": images,
         "grid_seconds": round(median, 3),
@@ -99,7 +118,7 @@ def bench_one(recipe: str, *, run: str | None = None, overrides: list[str] | Non
 
 
 def run_sample(*, recipes: list[str] | None = None, runs: list[str] | None = None, overrides: list[str] | None = None,
-               images: int = 16, steps: int = 50, repeats: int = 2, precision: str = "auto", device: str = "auto",
+               images: int = 16, steps: int = 50, repeats: int = 2, precision: str = "fp32", device: str = "auto",
                threads: int = 0, channels_last: bool = False, target_seconds: float = 5.0) -> dict[str, Any]:
     if not 1 <= images <= MAX_IMAGES or not 1 <= steps <= 1000 or repeats < 1:
         raise DubokoError(f"--images must be in 1..{MAX_IMAGES}, --steps in 1..1000 and --repeats >= 1, "
@@ -110,6 +129,7 @@ def run_sample(*, recipes: list[str] | None = None, runs: list[str] | None = Non
     default_threads = torch.get_num_threads()
     start = time.perf_counter()
     hw = common.hardware(dev)
+    hw["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "(unset: libgomp spins at barriers)")
     rows = []
     try:
         targets = [(None, r) for r in runs] if runs else [(r, None) for r in (recipes or DEFAULT_RECIPES)]
@@ -142,6 +162,7 @@ def format_report(result: dict[str, Any]) -> str:
               "CPU s / threads",
               "images/s", f"<= {result['target_grid_seconds']:g} s"]
     weights = sorted({r["weights"] for r in result["models"]})
-    return "\n".join([_hardware_line(result["hardware"]),
-                      f"DDIM-{s['steps']}, batch {s['images']}, median of {s['repeats']}; weights: {'; '.join(weights)}",
+    return "\n".join([_hardware_line(result["hardware"]) + f" | OMP_WAIT_POLICY {result['hardware'].get('omp_wait_policy')}",
+                      f"DDIM-{s['steps']}, batch {s['images']}, median of {s['repeats']}, the code path of `duboko sample`; "
+                      f"weights: {'; '.join(weights)}",
                       common.format_table(rows, header), f"wall {result['wall_seconds']:.1f}s"])

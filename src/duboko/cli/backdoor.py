@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from duboko.errors import DubokoError
@@ -30,15 +31,15 @@ def register(sub) -> None:
     )
     p.add_argument("run", help="run folder written by `duboko train mnist-backdoor`")
     p.add_argument("--factor", type=float, default=1.5,
-                   help="flag the top FACTOR × poison-count scores (default 1.5, as Tran et al.)")
-    p.add_argument("--budget", type=int, help="flag exactly this many samples instead")
+                   help="flag the top FACTOR × poison-count scores, a finite number > 0 (default 1.5, as Tran et al.)")
+    p.add_argument("--budget", type=int, metavar="N", help="flag exactly N samples (>= 0) instead of FACTOR × poison-count")
     p.add_argument("--write-clean", metavar="FILE",
                    help="write the flagged rows as {\"exclude\": [...]} for `--set data.exclude=FILE`")
     p.add_argument("--retrain", metavar="OUT", help="then train the run's recipe again without the flagged rows, into OUT")
     p.add_argument("--out", metavar="PNG", help="also draw the flagged class's projection histogram, poisoned vs clean")
     p.add_argument("--overwrite", action="store_true", help="replace --write-clean / --retrain outputs that exist")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default auto)")
-    p.add_argument("--data-dir", help="the data folder, if it moved since training")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
+    p.add_argument("--data-dir", metavar="DIR", help="the data folder, if it moved since training")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=cmd_detect_backdoor)
 
@@ -49,6 +50,12 @@ def cmd_detect_backdoor(args) -> int:
 
     if args.budget is not None and args.budget < 0:
         raise DubokoError(f"--budget must be >= 0, got {args.budget}")
+    if not (math.isfinite(args.factor) and args.factor > 0):  # NaN fails every comparison
+        raise DubokoError(f"--factor must be a finite number > 0, got {args.factor}")
+    if args.out:
+        from duboko.evaluate.plots import check_png_output
+
+        check_png_output(args.out)  # before the run is scored, not after
     clean = Path(args.write_clean) if args.write_clean else None
     if args.retrain and clean is None:
         clean = Path(args.retrain).with_name(Path(args.retrain).name + "-exclude.json")

@@ -24,11 +24,12 @@ def register(sub) -> None:
     )
     p.add_argument("model", help="a registered model (see `duboko models`)")
     p.add_argument("--input-shape", action="append", default=[], metavar="DIMS",
-                   help="input size without the batch, e.g. 3,48,48 (default: the model's example input); "
-                   "repeat for models with several inputs")
+                   help="input size without the batch, e.g. 3,48,48 (default: the model's example input; at most "
+                   f"{MAX_INPUT_VALUES:,} values); repeat for models with several inputs")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="change a model config field, e.g. image_size=64 or hidden_sizes=[256,128]")
-    p.add_argument("--depth", type=int, default=None, help="show layers down to this nesting depth")
+    p.add_argument("--depth", type=int, default=None, metavar="N",
+                   help="show layers down to nesting depth N (0: the top-level blocks; default: all)")
     p.add_argument("--no-forward", action="store_true", help="count parameters only (no forward pass)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(func=cmd_summary)
@@ -41,9 +42,11 @@ def register(sub) -> None:
         epilog="example:\n  duboko activations --out act.png",
         formatter_class=raw,
     )
-    p.add_argument("--out", default="activations.png", help="PNG file to write (default activations.png)")
-    p.add_argument("--names", default="", help="comma-separated subset, e.g. sigmoid,relu,tanh (default all)")
-    p.add_argument("--range", dest="x_range", type=float, default=5.0, help="plot x from -R to R (default 5)")
+    p.add_argument("--out", default="activations.png", metavar="PNG", help="PNG file to write (default activations.png)")
+    p.add_argument("--names", default="", metavar="LIST", help="comma-separated subset of sigmoid, tanh, relu, leaky_relu, "
+                   "gelu, silu, softmax (default all)")
+    p.add_argument("--range", dest="x_range", type=float, default=5.0, metavar="R",
+                   help=f"plot x from -R to R, 0 < R <= {MAX_RANGE:g} (default 5)")
     p.set_defaults(func=cmd_activations)
 
     p = sub.add_parser(
@@ -56,10 +59,11 @@ def register(sub) -> None:
         "  duboko compare runs/opt-* --out optimizers.png",
         formatter_class=raw,
     )
-    p.add_argument("runs", nargs="+", help="run folders written by `duboko train`")
-    p.add_argument("--out", default="compare.png", help="PNG file to write (default compare.png)")
-    p.add_argument("--metrics", default="", help="comma-separated metrics to plot, e.g. loss,accuracy (default: the runs')")
-    p.add_argument("--title", default="", help="figure title")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders written by `duboko train`")
+    p.add_argument("--out", default="compare.png", metavar="PNG", help="PNG file to write (default compare.png)")
+    p.add_argument("--metrics", default="", metavar="LIST",
+                   help="comma-separated metrics to plot, e.g. loss,accuracy (default: every metric the runs logged)")
+    p.add_argument("--title", default="", help="figure title (default: none)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser(
@@ -75,15 +79,24 @@ def register(sub) -> None:
     )
     p.add_argument("model", help="a registered model (see `duboko models`)")
     p.add_argument("--input-shape", action="append", default=[], metavar="DIMS",
-                   help="input size without the batch (default: the model's example input)")
+                   help="input size without the batch, e.g. 3,8,8 (default: the model's example input); repeat for "
+                   "models with several inputs")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="change a model config field, e.g. image_size=8 for a smaller MY_NET")
-    p.add_argument("--batch-size", type=int, default=1, help="examples in the input (default 1)")
+    p.add_argument("--batch-size", type=int, default=1, help=f"examples in the input (1-{MAX_GRADCHECK_BATCH}, default 1)")
     p.add_argument("--max-entries", type=int, default=16,
-                   help="entries checked per tensor; larger tensors are sampled (default 16)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the input, the sample and the projection")
+                   help="entries checked per tensor (>= 1); larger tensors are sampled (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the input, the sample and the projection (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(func=cmd_gradcheck)
+
+
+# Bounds of what `summary` / `gradcheck` build, so that a typo (`--input-shape 3,100000,100000`,
+# `--set hidden_sizes=[100000000,64]`) is one line instead of a failure in the allocator.
+MAX_INPUT_VALUES = 1 << 24  # values per example of one input: 3·2048·2048 fits
+MAX_PARAMETERS = 1_000_000_000  # 4 GB in float32 (gpt2-small has 124 M)
+MAX_GRADCHECK_BATCH = 64  # gradcheck is float64 and runs one backward pass per checked entry
+MAX_RANGE = 1000.0  # activations --range
 
 
 def _model_overrides(items: list[str]) -> dict[str, Any]:
@@ -100,6 +113,44 @@ def _check_model_config(name: str, overrides: dict[str, Any]) -> None:
 
     registry.make_config(name, overrides)  # unknown fields fail with the list of valid ones
     check_model_set_types(name, overrides)
+    check_model_size(name, overrides)
+
+
+def _set_text(overrides: dict[str, Any]) -> str:
+    return " ".join(f"--set {k}={v}" for k, v in overrides.items()) or "its default config"
+
+
+def check_model_size(name: str, overrides: dict[str, Any]) -> None:
+    """Build the model on the meta device (shapes only: no memory, no time) and refuse one that
+    cannot be built or has more than MAX_PARAMETERS parameters, before the real build."""
+    import torch
+
+    from duboko import registry
+
+    try:
+        with torch.device("meta"):
+            model = registry.create_model(name, **overrides)
+    except (RuntimeError, ValueError, ZeroDivisionError) as exc:
+        raise DubokoError(f"model {name!r} cannot be built with {_set_text(overrides)}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    count = sum(p.numel() for p in model.parameters())
+    if count > MAX_PARAMETERS:
+        raise DubokoError(f"model {name!r} with {_set_text(overrides)} has {count:,} parameters; at most "
+                          f"{MAX_PARAMETERS:,} (check the sizes given with --set)")
+
+
+def _input_shapes(texts: list[str]) -> list[list[int]] | None:
+    """--input-shape values parsed and bounded (MAX_INPUT_VALUES per example)."""
+    import math
+
+    from duboko.evaluate.summary import parse_input_shape
+
+    shapes = [parse_input_shape(s) for s in texts]
+    for text, shape in zip(texts, shapes):
+        if math.prod(shape) > MAX_INPUT_VALUES:
+            raise DubokoError(f"--input-shape {text} is {math.prod(shape):,} values per example; at most "
+                              f"{MAX_INPUT_VALUES:,} (e.g. 3,2048,2048)")
+    return shapes or None
 
 
 def check_model_set_types(name: str, overrides: dict[str, Any]) -> None:
@@ -113,12 +164,18 @@ def check_model_set_types(name: str, overrides: dict[str, Any]) -> None:
 
 
 def cmd_summary(args) -> int:
-    from duboko.evaluate.summary import parse_input_shape, summarize_registered
+    from duboko.evaluate.summary import summarize_registered
 
+    if args.depth is not None and args.depth < 0:
+        raise DubokoError(f"--depth must be >= 0 (0: the top-level blocks), got {args.depth}")
     overrides = _model_overrides(args.overrides)
     _check_model_config(args.model, overrides)
-    shapes = [parse_input_shape(s) for s in args.input_shape] or None
-    summary = summarize_registered(args.model, shapes, overrides, forward=not args.no_forward)
+    shapes = _input_shapes(args.input_shape)
+    try:
+        summary = summarize_registered(args.model, shapes, overrides, forward=not args.no_forward)
+    except RuntimeError as exc:  # e.g. a negative size in --set: the example input cannot be made
+        raise DubokoError(f"summary could not run {args.model!r} with {_set_text(overrides)}: "
+                          f"{str(exc).splitlines()[0]}") from None
     if args.json:
         print(json.dumps(summary.to_dict(), ensure_ascii=False, indent=2))
     else:
@@ -131,8 +188,8 @@ def cmd_activations(args) -> int:
 
     from duboko.evaluate.activations import activation_values, plot_activations
 
-    if args.x_range <= 0:
-        raise DubokoError(f"--range must be > 0, got {args.x_range}")
+    if not 0 < args.x_range <= MAX_RANGE:  # NaN fails every comparison
+        raise DubokoError(f"--range must be in (0, {MAX_RANGE:g}], got {args.x_range}")
     names = [n.strip() for n in args.names.split(",") if n.strip()] or None
     shown = plot_activations(args.out, names, args.x_range)
     points = torch.tensor([-2.0, 0.0, 2.0], dtype=torch.float64)
@@ -146,6 +203,9 @@ def cmd_activations(args) -> int:
 def cmd_compare(args) -> int:
     from duboko.evaluate.compare import load_run_curves, plot_compare, summary_table
 
+    from duboko.evaluate.plots import check_png_output
+
+    check_png_output(args.out)
     runs = [load_run_curves(r) for r in args.runs]
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] or None
     plotted = plot_compare(runs, args.out, metrics, args.title)
@@ -159,16 +219,22 @@ def cmd_gradcheck(args) -> int:
 
     from duboko import registry
     from duboko.evaluate.gradcheck import check_model
-    from duboko.evaluate.summary import make_inputs, parse_input_shape
+    from duboko.evaluate.summary import make_inputs
 
-    if args.batch_size < 1 or args.max_entries < 1:
-        raise DubokoError(f"--batch-size and --max-entries must be >= 1, got {args.batch_size} and {args.max_entries}")
+    if not 1 <= args.batch_size <= MAX_GRADCHECK_BATCH:
+        raise DubokoError(f"--batch-size must be in 1..{MAX_GRADCHECK_BATCH}, got {args.batch_size}")
+    if args.max_entries < 1:
+        raise DubokoError(f"--max-entries must be >= 1, got {args.max_entries}")
     overrides = _model_overrides(args.overrides)
     _check_model_config(args.model, overrides)
+    shapes = _input_shapes(args.input_shape)
     torch.manual_seed(args.seed)
     model = registry.create_model(args.model, **overrides)
-    shapes = [parse_input_shape(s) for s in args.input_shape] or None
-    inputs = make_inputs(args.model, model, shapes, args.batch_size)
+    try:
+        inputs = make_inputs(args.model, model, shapes, args.batch_size)
+    except RuntimeError as exc:  # e.g. a negative size in --set
+        raise DubokoError(f"gradcheck could not make an input for {args.model!r} with {_set_text(overrides)}: "
+                          f"{str(exc).splitlines()[0]}") from None
     try:
         report = check_model(model, inputs, args.model, max_entries=args.max_entries, seed=args.seed,
                              progress=not args.json)

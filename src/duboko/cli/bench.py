@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+
+from duboko.errors import DubokoError
 
 EPILOG_MNIST = """examples:
   duboko bench mnist --json                              reference vs duboko, same recipe (batch 64)
   duboko bench mnist --pairs 10 --window 20 --eval       longer, plus test accuracy of both after it
-  duboko bench mnist --time-to-accuracy 0.992 --json     mnist-cnn-fast to 99.2%% vs the reference's 5 epochs
+  duboko bench mnist --time-to-accuracy 0.992 --json     mnist-cnn-fast to 99.2% vs the reference's 5 epochs
   duboko bench mnist --time-to-accuracy 0.992 --reference-full   also train the reference for 5 epochs
 
 Each side trains in its own worker process; windows of N batches alternate (ref, duboko),
@@ -32,29 +35,31 @@ def register(sub) -> None:
                         epilog=EPILOG_MNIST, formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("--json", action="store_true", help="print the full JSON record instead of the table")
     m.add_argument("--out", metavar="FILE", help="also write the JSON record to FILE (atomically)")
-    m.add_argument("--plot", metavar="PNG", help="write a picture of every window's images/s")
-    m.add_argument("--pairs", type=int, default=6, help="alternating window pairs (throughput mode; default 6)")
-    m.add_argument("--window", type=int, default=10, help="batches per timed window (default 10)")
-    m.add_argument("--warmup", type=int, default=2, help="untimed batches per side before timing (default 2)")
+    m.add_argument("--plot", metavar="PNG", help="also write a picture of every window's images/s (a .png name)")
+    m.add_argument("--pairs", type=int, default=6, help="alternating window pairs (throughput mode; >= 1, default 6)")
+    m.add_argument("--window", type=int, default=10, help="batches per timed window (>= 1, default 10)")
+    m.add_argument("--warmup", type=int, default=2, help="untimed batches per side before timing (>= 0, default 2)")
     m.add_argument("--recipe", default="mnist-cnn", help="duboko's recipe in throughput mode (default mnist-cnn)")
     m.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of duboko's recipe, e.g. batch_size=128 (repeatable)")
     m.add_argument("--precision", default="auto", help="duboko's precision: auto (bf16 only where the hardware has "
                    "native bf16, else fp32) | fp32 | bf16 | recipe (default auto)")
-    m.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (both sides)")
+    m.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N, for both sides (default auto)")
     m.add_argument("--eval", action="store_true", help="throughput mode: also test both models after their equal steps")
     m.add_argument("--time-to-accuracy", type=float, metavar="ACC",
-                   help="time duboko's fast recipe to this test accuracy (e.g. 0.992)")
+                   help="time duboko's fast recipe to this test accuracy, a fraction in (0, 1) (e.g. 0.992; default: "
+                   "throughput mode instead)")
     m.add_argument("--fast-recipe", default="mnist-cnn-fast", help="recipe for --time-to-accuracy (default mnist-cnn-fast)")
     m.add_argument("--reference-every", type=int, default=3,
-                   help="time-to-accuracy: one reference window every N duboko windows (default 3)")
-    m.add_argument("--reference-epochs", type=int, default=5, help="the reference recipe's epochs (default 5)")
+                   metavar="N", help="time-to-accuracy: one reference window every N duboko windows (>= 1, default 3)")
+    m.add_argument("--reference-epochs", type=int, default=5, metavar="N", help="the reference recipe's epochs (>= 1, default 5)")
     m.add_argument("--reference-full", action="store_true",
                    help="time-to-accuracy: really train the reference for all its epochs (slow) instead of "
                    "estimating its time from the measured images/s")
     m.add_argument("--run-to-end", action="store_true",
                    help="time-to-accuracy: finish the fast recipe's epochs even after reaching the target")
-    m.add_argument("--reference-workers", type=int, default=0, help="reference DataLoader workers (the primer's: 0)")
+    m.add_argument("--reference-workers", type=int, default=0, metavar="N",
+                   help="reference DataLoader workers (>= 0; default 0, the primer's)")
     m.add_argument("--limit-train", type=int, default=0, help=argparse.SUPPRESS)
     m.add_argument("--limit-test", type=int, default=0, help=argparse.SUPPRESS)
     m.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
@@ -71,18 +76,19 @@ def register(sub) -> None:
                             formatter_class=argparse.RawDescriptionHelpFormatter)
         f.add_argument("--json", action="store_true", help="print the full JSON record instead of the table")
         f.add_argument("--out", metavar="FILE", help="also write the JSON record to FILE (atomically)")
-        f.add_argument("--recipe", action="append", default=[], help="only this recipe (repeatable; default: all of the family)")
+        f.add_argument("--recipe", action="append", default=[], metavar="RECIPE",
+                       help="only this recipe (repeatable; default: all of the family)")
         f.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a field of every recipe, e.g. batch_size=32 (repeatable)")
-        f.add_argument("--windows", type=int, default=3, help="timed windows per recipe (default 3)")
-        f.add_argument("--window", type=int, default=5, help="steps per window (default 5)")
-        f.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
-        f.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+        f.add_argument("--windows", type=int, default=3, help="timed windows per recipe (>= 1, default 3)")
+        f.add_argument("--window", type=int, default=5, help="steps per window (>= 1, default 5)")
+        f.add_argument("--warmup", type=int, default=1, help="untimed steps first (>= 0, default 1)")
+        f.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
         f.add_argument("--no-progress", action="store_true", help="no progress bar")
         if family == "diffusion":
-            f.add_argument("--samples", type=int, default=8, help="images sampled per sampler (default 8)")
-            f.add_argument("--ddpm-steps", type=int, default=0, help="DDPM steps (default: the recipe's T)")
-            f.add_argument("--ddim-steps", type=int, default=50, help="DDIM steps (default 50)")
+            f.add_argument("--samples", type=int, default=8, help=f"images sampled per sampler (1-{MAX_IMAGES}, default 8)")
+            f.add_argument("--ddpm-steps", type=int, default=0, help=f"DDPM steps (0-{MAX_STEPS}; default 0: the recipe's T)")
+            f.add_argument("--ddim-steps", type=int, default=50, help=f"DDIM steps (1-{MAX_STEPS}, default 50)")
         f.set_defaults(func=cmd_family, family=family)
 
     g = bsub.add_parser("generate", help="text generation speed: tokens/s and time to first token, batch 1, KV cache",
@@ -93,21 +99,23 @@ def register(sub) -> None:
                         epilog="examples:\n  duboko bench generate\n  duboko bench generate --run runs/gpt --json\n"
                         "  duboko bench generate --recipe shakespeare-gpt --threads 2 --new-tokens 200",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    g.add_argument("--recipe", action="append", default=[], help="language-model recipe (repeatable; default "
+    g.add_argument("--recipe", action="append", default=[], metavar="RECIPE", help="language-model recipe (repeatable; default "
                    "shakespeare-gpt and shakespeare-lstm)")
-    g.add_argument("--run", action="append", default=[], help="a trained language-model run folder instead (repeatable)")
+    g.add_argument("--run", action="append", default=[], metavar="RUN",
+                   help="a trained language-model run folder instead (repeatable)")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of every recipe, e.g. model.n_layer=6 (repeatable)")
-    g.add_argument("--prompt-tokens", type=int, default=16, help="prompt length in tokens (default 16)")
-    g.add_argument("--new-tokens", type=int, default=100, help="tokens generated per repeat (default 100)")
-    g.add_argument("--repeats", type=int, default=3, help="timed generations per model, median reported (default 3)")
-    g.add_argument("--no-cache-tokens", type=int, default=50, help="tokens of the uncached comparison (0: skip; default 50)")
+    g.add_argument("--prompt-tokens", type=int, default=16, help="prompt length in tokens (1-4096, default 16)")
+    g.add_argument("--new-tokens", type=int, default=100, help="tokens generated per repeat (1-4096, default 100)")
+    g.add_argument("--repeats", type=int, default=3, help="timed generations per model, median reported (>= 1, default 3)")
+    g.add_argument("--no-cache-tokens", type=int, default=50, metavar="N",
+                   help="tokens of the uncached comparison (>= 0; 0: skip; default 50)")
     g.add_argument("--precision", default="fp32", help="fp32 | bf16 | auto (default fp32: at batch 1 the matrices "
                    "are too small for bf16 to pay, docs/benchmarks.md)")
-    g.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: batch-1 decoding is a chain of tiny "
+    g.add_argument("--threads", type=int, default=1, help="CPU threads, >= 0 (default 1: batch-1 decoding is a chain of tiny "
                    "ops that a second thread only slows down; 0: torch's default)")
-    g.add_argument("--target", type=float, default=1000.0, help="tokens/s target shown in the table (default 1000)")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--target", type=float, default=1000.0, help="tokens/s target shown in the table (> 0, default 1000)")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     g.add_argument("--json", action="store_true", help="print the full JSON record instead of the table")
     g.add_argument("--out", metavar="FILE", help="also write the JSON record to FILE (atomically)")
     g.set_defaults(func=cmd_generate)
@@ -120,19 +128,21 @@ def register(sub) -> None:
                         epilog="examples:\n  duboko bench sample\n  duboko bench sample --run runs/diffusion --json\n"
                         "  duboko bench sample --precision fp32 --threads 2",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("--recipe", action="append", default=[], help="diffusion recipe (repeatable; default mnist-diffusion "
+    s.add_argument("--recipe", action="append", default=[], metavar="RECIPE", help="diffusion recipe (repeatable; default mnist-diffusion "
                    "and mnist-diffusion-class)")
-    s.add_argument("--run", action="append", default=[], help="a trained diffusion run folder instead (repeatable)")
+    s.add_argument("--run", action="append", default=[], metavar="RUN",
+                   help="a trained diffusion run folder instead (repeatable)")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of every recipe (repeatable)")
-    s.add_argument("--images", type=int, default=16, help="images per grid, one batch (default 16)")
-    s.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    s.add_argument("--repeats", type=int, default=2, help="timed grids per model, median reported (default 2)")
-    s.add_argument("--precision", default="auto", help="auto (bf16 only where native) | fp32 | bf16 (default auto)")
-    s.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    s.add_argument("--channels-last", action="store_true", help="channels-last model and inputs")
-    s.add_argument("--target", type=float, default=5.0, help="grid-seconds target shown in the table (default 5)")
-    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    s.add_argument("--images", type=int, default=16, help="images per grid, one batch (1-1024, default 16)")
+    s.add_argument("--steps", type=int, default=50, help="DDIM steps (1-1000, default 50)")
+    s.add_argument("--repeats", type=int, default=2, help="timed grids per model, median reported (>= 1, default 2)")
+    s.add_argument("--precision", default="fp32", help="fp32 | auto (bf16 only where native) | bf16 (default fp32: "
+                   "what `duboko sample` runs; bf16 costs this UNet ~1.1x more CPU)")
+    s.add_argument("--threads", type=int, default=0, help="CPU threads (>= 0; default 0: torch's default)")
+    s.add_argument("--channels-last", action="store_true", help="channels-last model and inputs (default: contiguous)")
+    s.add_argument("--target", type=float, default=5.0, help="grid-seconds target shown in the table (> 0, default 5)")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     s.add_argument("--json", action="store_true", help="print the full JSON record instead of the table")
     s.add_argument("--out", metavar="FILE", help="also write the JSON record to FILE (atomically)")
     s.set_defaults(func=cmd_sample)
@@ -145,10 +155,11 @@ def register(sub) -> None:
                          "Refuses to run without CUDA unless --device cpu (a dry run: --quick keeps it to seconds).",
                          epilog="examples:\n  duboko bench gpu --out gpu.json\n  duboko bench gpu --device cpu --quick",
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    gp.add_argument("--device", default="cuda", help="cuda | cuda:N | cpu (a dry run) (default cuda)")
+    gp.add_argument("--device", default="cuda", help="cuda | cuda:N | cpu (a dry run; default cuda)")
     gp.add_argument("--quick", action="store_true", help="tiny sizes everywhere (checks the script, measures nothing useful)")
     gp.add_argument("--peak-tflops", type=float, default=0.0,
-                    help="the device's dense bf16 peak for MFU (default: looked up from the GPU's name)")
+                    metavar="TFLOPS", help="the device's dense bf16 peak for MFU, a finite number >= 0 (default 0: looked up "
+                    "from the GPU's name)")
     gp.add_argument("--skip", action="append", default=[], choices=["mnist", "accuracy", "gpt", "sample"],
                     help="leave a part out (repeatable)")
     gp.add_argument("--json", action="store_true", help="print the full JSON record instead of the table")
@@ -162,9 +173,10 @@ def register(sub) -> None:
                         epilog="examples:\n  duboko bench inference runs/cnn\n  duboko bench inference runs/gpt --json",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     i.add_argument("run", help="run folder written by `duboko train`")
-    i.add_argument("--repeats", type=int, default=50, help="timed batch-1 calls per engine (default 50)")
-    i.add_argument("--warmup", type=int, default=5, help="untimed calls first (default 5)")
-    i.add_argument("--limit-test", type=int, default=0, help="test accuracy on the first N test images (0: all)")
+    i.add_argument("--repeats", type=int, default=50, help="timed batch-1 calls per engine (>= 1, default 50)")
+    i.add_argument("--warmup", type=int, default=5, help="untimed calls first (>= 0, default 5)")
+    i.add_argument("--limit-test", type=int, default=0, metavar="N",
+                   help="test accuracy on the first N test images (>= 0; default 0: all)")
     i.add_argument("--json", action="store_true", help="print the full JSON record instead of the table")
     i.add_argument("--out", metavar="FILE", help="also write the JSON record to FILE (atomically)")
     i.set_defaults(func=cmd_inference)
@@ -175,22 +187,41 @@ def register(sub) -> None:
                         "tensors, same size, channels, batch and precision.",
                         epilog="examples:\n  duboko bench images --json\n  duboko bench images --data-dir ~/pics "
                         "--image-size 64 --channels 3", formatter_class=argparse.RawDescriptionHelpFormatter)
-    i.add_argument("--data-dir", help="your image folder (default: MNIST test digits written as PNG to a temporary folder)")
-    i.add_argument("--images", type=int, default=2000, help="digits written when there is no --data-dir (default 2000)")
-    i.add_argument("--image-size", type=int, default=64, help="decode and train size (default 64)")
-    i.add_argument("--channels", type=int, default=3, help="1 or 3 (default 3)")
-    i.add_argument("--batch-size", type=int, default=64, help="training batch (default 64)")
-    i.add_argument("--workers", type=int, help="decoding threads (default: up to 4, one per core)")
+    i.add_argument("--data-dir", metavar="DIR", help="your image folder (default: MNIST test digits written as PNG to a temporary folder)")
+    i.add_argument("--images", type=int, default=2000,
+                   help="digits written when there is no --data-dir (20-10000, default 2000)")
+    i.add_argument("--image-size", type=int, default=64, help=f"decode and train size in pixels (8-{MAX_IMAGE_SIZE}, default 64)")
+    i.add_argument("--channels", type=int, default=3, choices=[1, 3], help="1 (grey) or 3 (RGB) (default 3)")
+    i.add_argument("--batch-size", type=int, default=64, help="training batch (>= 1, default 64)")
+    i.add_argument("--workers", type=int, help="decoding threads (>= 1; default: up to 4, one per core)")
     i.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of both recipes (repeatable)")
-    i.add_argument("--windows", type=int, default=3, help="timed windows per side (default 3)")
-    i.add_argument("--window", type=int, default=5, help="steps per window (default 5)")
-    i.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
-    i.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    i.add_argument("--windows", type=int, default=3, help="timed windows per side (>= 1, default 3)")
+    i.add_argument("--window", type=int, default=5, help="steps per window (>= 1, default 5)")
+    i.add_argument("--warmup", type=int, default=1, help="untimed steps first (>= 0, default 1)")
+    i.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     i.add_argument("--json", action="store_true", help="print the full JSON record instead of the table")
     i.add_argument("--out", metavar="FILE", help="also write the JSON record to FILE (atomically)")
     i.add_argument("--no-progress", action="store_true", help="no progress bar")
     i.set_defaults(func=cmd_images)
+
+
+# Bounds of the flags that the benchmark modules take as they are (the message gives the range).
+MAX_IMAGES = 1024  # diffusion --samples (bench sample --images has the same bound)
+MAX_STEPS = 1000  # the training schedule's T (Ho et al. 2020)
+MAX_IMAGE_SIZE = 1024
+
+
+def _at_least(**flags: tuple[int, int]) -> None:
+    """Each flag name -> (value, lowest allowed); the first one below its bound is the error."""
+    for name, (value, low) in flags.items():
+        if value < low:
+            raise DubokoError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+
+
+def _positive_finite(name: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise DubokoError(f"{name} must be a finite number > 0, got {value}")
 
 
 def _emit(args, result: dict, text: str) -> None:
@@ -212,6 +243,12 @@ def cmd_mnist(args) -> int:
     from duboko.bench import mnist
     from duboko.bench.reference import ReferenceConfig
 
+    _at_least(reference_every=(args.reference_every, 1), reference_epochs=(args.reference_epochs, 1),
+              reference_workers=(args.reference_workers, 0))
+    if args.plot:
+        from duboko.evaluate.plots import check_png_output
+
+        check_png_output(args.plot)  # before minutes of benchmarking, not after
     ref = ReferenceConfig(num_workers=args.reference_workers, limit_train=args.limit_train, limit_test=args.limit_test)
     overrides = list(args.overrides)
     if args.limit_train:
@@ -237,10 +274,12 @@ def cmd_family(args) -> int:
 
     extra = {}
     if args.family == "diffusion":
-        if args.samples < 1 or args.ddim_steps < 1 or args.ddpm_steps < 0:
-            from duboko.errors import DubokoError
-
-            raise DubokoError(f"--samples and --ddim-steps must be >= 1, got {args.samples}, {args.ddim_steps}")
+        if not 1 <= args.samples <= MAX_IMAGES:
+            raise DubokoError(f"--samples must be in 1..{MAX_IMAGES}, got {args.samples}")
+        if not 1 <= args.ddim_steps <= MAX_STEPS:
+            raise DubokoError(f"--ddim-steps must be in 1..{MAX_STEPS}, got {args.ddim_steps}")
+        if not 0 <= args.ddpm_steps <= MAX_STEPS:
+            raise DubokoError(f"--ddpm-steps must be in 0..{MAX_STEPS} (0: the recipe's T), got {args.ddpm_steps}")
         extra = {"samples": args.samples, "ddpm_steps": args.ddpm_steps, "ddim_steps": args.ddim_steps}
     result = recipes.run_family(args.family, recipes=args.recipe or None, overrides=args.overrides, windows=args.windows,
                                 window=args.window, warmup=args.warmup, device=args.device,
@@ -256,6 +295,10 @@ def cmd_family(args) -> int:
 def cmd_images(args) -> int:
     from duboko.bench import images
 
+    if not 8 <= args.image_size <= MAX_IMAGE_SIZE:
+        raise DubokoError(f"--image-size must be in 8..{MAX_IMAGE_SIZE}, got {args.image_size}")
+    if args.workers is not None:
+        _at_least(workers=(args.workers, 1))
     result = images.run_images(
         data_dir=args.data_dir, num_images=args.images, image_size=args.image_size, channels=args.channels,
         batch_size=args.batch_size, overrides=args.overrides, windows=args.windows, window=args.window,
@@ -292,6 +335,8 @@ def _print_record(args, result: dict, text: str) -> None:
 def cmd_generate(args) -> int:
     from duboko.bench import generate
 
+    _at_least(threads=(args.threads, 0))
+    _positive_finite("--target", args.target)
     result = generate.run_generate(
         recipes=args.recipe or None, runs=args.run or None, overrides=args.overrides, prompt_tokens=args.prompt_tokens,
         new_tokens=args.new_tokens, repeats=args.repeats, no_cache_tokens=args.no_cache_tokens, precision=args.precision,
@@ -303,6 +348,8 @@ def cmd_generate(args) -> int:
 def cmd_sample(args) -> int:
     from duboko.bench import sample
 
+    _at_least(threads=(args.threads, 0))
+    _positive_finite("--target", args.target)
     result = sample.run_sample(
         recipes=args.recipe or None, runs=args.run or None, overrides=args.overrides, images=args.images,
         steps=args.steps, repeats=args.repeats, precision=args.precision, device=args.device, threads=args.threads,
@@ -314,6 +361,8 @@ def cmd_sample(args) -> int:
 def cmd_gpu(args) -> int:
     from duboko.bench import gpu
 
+    if not (math.isfinite(args.peak_tflops) and args.peak_tflops >= 0):
+        raise DubokoError(f"--peak-tflops must be a finite number >= 0 (0: looked up), got {args.peak_tflops}")
     result = gpu.run_gpu(device=args.device, quick=args.quick, peak_tflops=args.peak_tflops, skip=args.skip,
                          out=args.out)
     _print_record(args, result, gpu.format_report(result))

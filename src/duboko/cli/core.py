@@ -21,7 +21,8 @@ def register(sub) -> None:
         help="train a recipe into a run folder",
         description="Train RECIPE (a bundled recipe name or a .toml file) into a run folder, or continue one with --resume.",
         epilog="examples:\n  duboko train mnist-cnn --out runs/cnn\n  duboko train mnist-cnn --set epochs=1 --set batch_size=128 --out runs/quick\n"
-        "  duboko train --resume runs/cnn\n  torchrun --nproc_per_node=2 -m duboko train mnist-cnn --out runs/ddp",
+        "  duboko train --resume runs/cnn\n"
+        "  duboko train shakespeare-gpt --init-from runs/gpt2 --set data.path=my.txt --out runs/my-gpt2\n  torchrun --nproc_per_node=2 -m duboko train mnist-cnn --out runs/ddp",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("recipe", nargs="?", help="recipe name (see `duboko recipes`) or path to a .toml recipe")
@@ -29,6 +30,8 @@ def register(sub) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. epochs=1, train.lr=3e-4, hidden_sizes=[256,128] (repeatable)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last saved step")
+    p.add_argument("--init-from", metavar="RUN", help="fine-tune: start from this run folder's weights, model and "
+                   "tokenizer (e.g. one from `duboko import-hf`; sets train.init_from)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     p.add_argument("--data-dir", help="folder with the data files (sets data.data_dir or data.path)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps (sets train.device)")
@@ -84,9 +87,14 @@ def cmd_train(args) -> int:
     from duboko.errors import DubokoError
     from duboko.api import default_run_dir
     from duboko.train.engine import fit
-    from duboko.train.run import CONFIG, verify_resumable
+    from duboko.train.run import CONFIG, verify_init_source, verify_resumable
 
     overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device else [])
+    if args.init_from is not None:
+        if args.resume:
+            raise DubokoError("--init-from starts a new run; a resumed run continues from its own weights (drop one)")
+        verify_init_source(args.init_from)  # before its config.json is parsed
+        overrides.append(("train.init_from", args.init_from))  # a pair: the path is never parsed as a value
     if args.resume:
         if args.recipe:
             raise DubokoError("give either a RECIPE or --resume RUN, not both")

@@ -28,24 +28,26 @@ def register(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("run", help="run folder written by `duboko train mnist-diffusion*` / `mnist-text2img`")
-    p.add_argument("--n", type=int, default=16, help="number of images (default 16)")
+    p.add_argument("--n", type=int, default=16, help=f"number of images (1-{MAX_SAMPLES:,}, default 16)")
     p.add_argument("--sampler", choices=["ddim", "ddpm"], help="sampler (default: the run's, ddim)")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the run's sample_steps; DDPM uses 1000 unless given)")
-    p.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic, 1 DDPM-like (default: the run's)")
+    p.add_argument("--steps", type=int, help=f"denoising steps (1-{MAX_STEPS}; default: the run's sample_steps, DDPM "
+                   "uses 1000 unless given)")
+    p.add_argument("--eta", type=float, help="DDIM noise in [0, 1]: 0 deterministic, 1 DDPM-like (default: the run's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
-    p.add_argument("--seeds", help="with --metrics: comma-separated seeds (e.g. 0,1,2); prints each seed's "
+    p.add_argument("--seeds", metavar="LIST", help=f"with --metrics: 1-{MAX_SEEDS} distinct comma-separated seeds >= 0 (e.g. 0,1,2); prints each seed's "
                    "figures and the minimum prompt_accuracy")
     p.add_argument("--batch-size", type=int, default=0,
-                   help="images per denoising batch (default: the run's data.eval_batch_size); bounds memory")
-    p.add_argument("--label", type=int, help="digit to draw (label-conditioned runs)")
+                   help=f"images per denoising batch, 0-{MAX_SAMPLES:,} (default 0: the run's data.eval_batch_size); bounds memory")
+    p.add_argument("--label", type=int, help="digit 0-9 to draw (label-conditioned runs; default: 0-9 in turn)")
     p.add_argument("--prompt", help="text prompt (text-to-image runs), e.g. \"a handwritten three\"")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (1: none; default: the run's)")
-    p.add_argument("--out", default="samples.png", help="PNG file for the grid (default samples.png)")
-    p.add_argument("--nrow", type=int, default=0, help="images per row (default: 10 for balanced digits, else 8)")
+    p.add_argument("--guidance", type=float, help=f"classifier-free guidance scale in [0, {MAX_GUIDANCE:g}] (1: none; "
+                   "default: the run's)")
+    p.add_argument("--out", default="samples.png", metavar="PNG", help="PNG file for the grid (default samples.png)")
+    p.add_argument("--nrow", type=int, default=0, help="images per row (default 0: 10 for balanced digits, else 8)")
     p.add_argument("--metrics", action="store_true", help="score n samples (digits 0-9 in turn, held-out prompts): "
                    "prompt_accuracy and fd_mnist with the real-image floor and the noise value")
     p.add_argument("--json", action="store_true", help="with --metrics: print one JSON object")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser(
@@ -56,12 +58,14 @@ def register(sub) -> None:
         epilog="example:\n  duboko noising --out forward.png --timesteps 0,100,250,500,750,1000",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--out", default="forward.png", help="PNG file (default forward.png)")
-    p.add_argument("--timesteps", default="0,100,250,500,750,1000", help="comma-separated t in 0..T (0: the clean image)")
-    p.add_argument("--schedules", default="linear,cosine", help="comma-separated: linear, cosine")
-    p.add_argument("--index", type=int, default=0, help="which MNIST test image (default 0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise")
-    p.add_argument("--data-dir", help="folder with the MNIST files")
+    p.add_argument("--out", default="forward.png", metavar="PNG", help="PNG file (default forward.png)")
+    p.add_argument("--timesteps", default="0,100,250,500,750,1000", metavar="LIST",
+                   help="comma-separated t in 0..1000, 0: the clean image (default 0,100,250,500,750,1000)")
+    p.add_argument("--schedules", default="linear,cosine", metavar="LIST",
+                   help="comma-separated, each linear or cosine (default linear,cosine)")
+    p.add_argument("--index", type=int, default=0, help="which MNIST test image, 0-9999 (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
+    p.add_argument("--data-dir", metavar="DIR", help="folder with the MNIST files (default: the bundled copy)")
     p.set_defaults(func=cmd_noising)
 
     p = sub.add_parser(
@@ -73,15 +77,15 @@ def register(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("run", help="run folder of a diffusion run")
-    p.add_argument("--label", type=int, help="digit (label-conditioned runs)")
+    p.add_argument("--label", type=int, help="digit 0-9 (label-conditioned runs)")
     p.add_argument("--prompt", help="prompt (text-to-image runs)")
-    p.add_argument("--guidance", type=float, help="guidance scale (default: the run's)")
+    p.add_argument("--guidance", type=float, help=f"guidance scale in [0, {MAX_GUIDANCE:g}] (1: none; default: the run's)")
     p.add_argument("--sampler", choices=["ddim", "ddpm"], help="sampler (default: the run's)")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    p.add_argument("--frames", type=int, default=10, help="columns in the strip (default 10)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="trajectory.png", help="PNG file (default trajectory.png)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--steps", type=int, default=50, help=f"denoising steps (1-{MAX_STEPS}, default 50)")
+    p.add_argument("--frames", type=int, default=10, help="columns in the strip (2-100, default 10)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
+    p.add_argument("--out", default="trajectory.png", metavar="PNG", help="PNG file (default trajectory.png)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     p.set_defaults(func=cmd_trajectory)
 
 
@@ -257,6 +261,10 @@ def cmd_noising(args) -> int:
     except ValueError as exc:
         raise DubokoError(f"--timesteps expects comma-separated integers like 0,100,500, got {args.timesteps!r}") from exc
     schedules = [s.strip() for s in args.schedules.split(",") if s.strip()]
+    if not ts:
+        raise DubokoError(f"--timesteps needs at least one t in 0..1000 (e.g. 0,500,1000), got {args.timesteps!r}")
+    if not schedules:
+        raise DubokoError(f"--schedules needs at least one of linear, cosine, got {args.schedules!r}")
     images, labels = load_mnist("test", args.data_dir)
     if not 0 <= args.index < len(images):
         raise DubokoError(f"--index must be in 0..{len(images) - 1}, got {args.index}")

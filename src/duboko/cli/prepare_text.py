@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from duboko.errors import DubokoError
 
@@ -19,6 +20,10 @@ task's (contiguous blocks of text, some held out). word/bpe learn their vocabula
 random sample of at most --sample-mb of the training text."""
 
 
+MAX_VOCAB = 1 << 20  # token ids are stored as uint32 above 65,536 tokens
+MAX_BLOCKS = 100_000
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "prepare-text", help="tokenize a text corpus once into a memory-mapped token folder (train.bin/val.bin)",
@@ -27,15 +32,18 @@ def register(sub) -> None:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("path", help="a UTF-8 text file, a folder of *.txt files, or several separated by commas")
-    p.add_argument("--tokenizer", default="bpe", help="char | word | bpe (byte-level BPE; default bpe)")
-    p.add_argument("--vocab-size", type=int, default=0, help="word/bpe vocabulary size (0: 10000 word, 2000 bpe)")
-    p.add_argument("--min-freq", type=int, default=1, help="word/bpe: rarer pieces are left out (default 1; bpe at least 2)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of the text held out for validation (default 0.1)")
-    p.add_argument("--split-blocks", type=int, default=10, help="contiguous blocks the text is cut into for the split (default 10)")
-    p.add_argument("--split-seed", type=int, default=0, help="which blocks go to validation (default 0)")
-    p.add_argument("--sample-mb", type=float, default=32.0, help="word/bpe: train the tokenizer on at most this many "
-                   "million characters of training text (default 32)")
-    p.add_argument("--out", required=True, help="the token folder to write")
+    p.add_argument("--tokenizer", default="bpe", metavar="KIND", help="char | word | bpe (byte-level BPE; default bpe)")
+    p.add_argument("--vocab-size", type=int, default=0, metavar="N",
+                   help=f"word/bpe vocabulary size, 0-{MAX_VOCAB:,} (default 0: 10000 word, 2000 bpe)")
+    p.add_argument("--min-freq", type=int, default=1, metavar="N",
+                   help="word/bpe: pieces seen fewer than N times are left out (>= 1, default 1; bpe at least 2)")
+    p.add_argument("--val-fraction", type=float, default=0.1, metavar="F", help="share of the text held out for validation, in (0, 1) (default 0.1)")
+    p.add_argument("--split-blocks", type=int, default=10, metavar="N", help=f"contiguous blocks the text is cut into for the split (2-{MAX_BLOCKS:,}, default 10)")
+    p.add_argument("--split-seed", type=int, default=0, metavar="SEED", help="which blocks go to validation (default 0)")
+    p.add_argument("--sample-mb", type=float, default=32.0, metavar="MB", help="word/bpe: train the tokenizer on at most "
+                   "this many million characters of training text, in (0, 4096] (default 32)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the token folder to write: new, empty, or a token folder "
+                   "(with --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace a token folder already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the header as JSON")
@@ -47,8 +55,16 @@ def cmd_prepare_text(args) -> int:
 
     from duboko.data.tokens import prepare_tokens
 
-    if args.vocab_size < 0:
-        raise DubokoError(f"--vocab-size must be >= 0, got {args.vocab_size}")
+    if not 0 <= args.vocab_size <= MAX_VOCAB:
+        raise DubokoError(f"--vocab-size must be in 0..{MAX_VOCAB:,} (0: the tokenizer's default), got {args.vocab_size}")
+    if args.min_freq < 1:
+        raise DubokoError(f"--min-freq must be >= 1, got {args.min_freq}")
+    if not 2 <= args.split_blocks <= MAX_BLOCKS:
+        raise DubokoError(f"--split-blocks must be in 2..{MAX_BLOCKS:,}, got {args.split_blocks}")
+    out = Path(args.out)
+    if out.is_dir() and not (out / "tokens.json").exists() and any(out.iterdir()):
+        raise DubokoError(f"--out {args.out} is a folder with other files in it, not a token folder; "
+                          "give a new or empty folder")
     if not 0 < args.sample_mb <= 4096:
         raise DubokoError(f"--sample-mb must be in (0, 4096], got {args.sample_mb}")
     bars: dict[str, tqdm] = {}

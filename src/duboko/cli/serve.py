@@ -23,11 +23,11 @@ def register(sub) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("roots", nargs="+", help="run folders, or folders of run folders (e.g. runs/)")
+    p.add_argument("roots", nargs="+", metavar="ROOT", help="run folders, or folders of run folders (e.g. runs/)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; anything else is reachable from the network)")
-    p.add_argument("--port", type=int, default=8765, help="port (default 8765)")
-    p.add_argument("--device", default="cpu", help="auto | cpu | cuda | mps (default cpu)")
+    p.add_argument("--port", type=int, default=8765, help="port, 1-65535 (default 8765)")
+    p.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N | mps (default cpu)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -52,6 +52,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not 1 <= args.port <= 65535:
         raise DubokoError(f"--port must be in 1..65535, got {args.port}")
     from duboko.serve.app import create_app
+    from duboko.train.run import pick_device
+
+    pick_device(args.device)  # a bad --device is one line now, not an error on the first request
 
     app = create_app(args.roots, device=args.device)
     runs = app.state.index.scan()

@@ -13,6 +13,9 @@ from duboko.errors import DubokoError
 
 # Generation is one forward pass per token: a bound keeps a typo (10**9) from running forever.
 MAX_NEW_TOKENS = 100_000
+# gradflow backpropagates through BATCH windows of STEPS tokens at once (memory ~ their product).
+MAX_GRADFLOW_STEPS = 10_000
+MAX_GRADFLOW_BATCH = 1024
 
 
 def register(sub) -> None:
@@ -21,23 +24,29 @@ def register(sub) -> None:
         help="sample text from a trained language model (RNN or GPT), streamed to the terminal",
         description="Sample a continuation of --prompt from a trained language-model run folder. "
         "Text is printed as it is produced. The same --seed gives the same text.",
+        epilog="examples:\n  duboko generate runs/gpt --prompt \"ROMEO:\" --max-new-tokens 200\n"
+        "  duboko generate runs/gpt --prompt \"ROMEO:\" --temperature 0     # greedy\n"
+        "  duboko generate runs/lstm --top-k 20 --top-p 0.9 --seed 1 --stop $'\\n\\n'",
     )
-    p.add_argument("run", help="run folder of a language-model run (duboko train ... --out RUN)")
+    p.add_argument("run", help="run folder of a language-model run (duboko train shakespeare-gpt --out RUN)")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    p.add_argument("--max-new-tokens", type=int, default=400, help="tokens to generate (default 400)")
+    p.add_argument("--max-new-tokens", type=int, default=400, metavar="N",
+                   help=f"tokens to generate (1-{MAX_NEW_TOKENS:,}, default 400)")
     p.add_argument("--temperature", type=float, default=0.8,
-                   help="softmax temperature; lower is more conservative, 0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=0, help="sample only from the k most likely tokens (0: off)")
+                   help="softmax temperature, a finite number >= 0; lower is more conservative, 0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K",
+                   help="sample only from the K most likely tokens (>= 0; default 0: off)")
     p.add_argument("--top-p", type=float, default=1.0,
-                   help="nucleus sampling: the smallest set of tokens with this much probability (1: off)")
+                   metavar="P", help="nucleus sampling: the smallest set of tokens with probability P, in (0, 1] (default 1: off)")
     p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="divide the logits of tokens already in the text by this (>1 repeats less; 1: off)")
+                   metavar="X", help="divide the logits of tokens already in the text by X, finite and > 0 (>1 repeats less; "
+                   "default 1: off)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop when this text appears (repeatable; e.g. --stop $'\\n\\n')")
-    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples (default: a fresh one)")
     p.add_argument("--no-cache", action="store_true",
                    help="re-feed the whole context every step instead of carrying the state/KV cache")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default auto)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     p.add_argument("--no-prompt", action="store_true", help="print only the generated text, not the prompt")
     p.set_defaults(func=cmd_generate)
 
@@ -46,12 +55,13 @@ def register(sub) -> None:
         help="rank the most likely next tokens after a text, with probabilities",
         description="Show the --top most likely next tokens (words for a word-level model, "
         "characters or BPE pieces otherwise) after TEXT, with their probabilities.",
+        epilog="example:\n  duboko next-word runs/word-lstm \"The cat sat on the\" --top 10",
     )
     p.add_argument("run", help="run folder of a language-model run")
     p.add_argument("text", help='the context, e.g. "The cat sat on the"')
-    p.add_argument("--top", type=int, default=5, help="how many candidates (default 5)")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default auto)")
+    p.add_argument("--top", type=int, default=5, help="how many candidates (>= 1, default 5)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature, a finite number > 0 (default 1)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_next_word)
 
@@ -62,13 +72,14 @@ def register(sub) -> None:
         "mean norm of d(loss at the last step)/d(input embedding at step t) against the distance "
         "T-1-t. A plain RNN's curve falls off geometrically (vanishing gradients); an LSTM's or "
         "GRU's stays up far longer.",
+        epilog="example:\n  duboko gradflow runs/rnn runs/lstm --steps 100 --out gradflow.png",
     )
-    p.add_argument("runs", nargs="+", help="run folders of recurrent language models (e.g. runs/rnn runs/lstm)")
-    p.add_argument("--out", default="gradflow.png", help="picture to write (default gradflow.png); a .json with the numbers is written beside it")
-    p.add_argument("--steps", type=int, default=200, help="sequence length T (default 200)")
-    p.add_argument("--batch", type=int, default=32, help="validation windows averaged (default 32)")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders of recurrent language models (e.g. runs/rnn runs/lstm)")
+    p.add_argument("--out", default="gradflow.png", metavar="PNG", help="picture to write (default gradflow.png); a .json with the numbers is written beside it")
+    p.add_argument("--steps", type=int, default=200, help=f"sequence length T (2-{MAX_GRADFLOW_STEPS:,}, default 200)")
+    p.add_argument("--batch", type=int, default=32, help=f"validation windows averaged (1-{MAX_GRADFLOW_BATCH}, default 32)")
     p.add_argument("--seed", type=int, default=0, help="which windows are drawn (default 0)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default auto)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     p.set_defaults(func=cmd_gradflow)
 
 
@@ -148,8 +159,13 @@ def cmd_gradflow(args: argparse.Namespace) -> int:
     from duboko.io import atomic_write_json
     from duboko.train.verify import load_run_of
 
-    if args.steps < 2 or args.batch < 1:
-        raise DubokoError(f"--steps must be >= 2 and --batch >= 1, got {args.steps} and {args.batch}")
+    if not 2 <= args.steps <= MAX_GRADFLOW_STEPS:
+        raise DubokoError(f"--steps must be in 2..{MAX_GRADFLOW_STEPS:,}, got {args.steps}")
+    if not 1 <= args.batch <= MAX_GRADFLOW_BATCH:
+        raise DubokoError(f"--batch must be in 1..{MAX_GRADFLOW_BATCH}, got {args.batch}")
+    from duboko.evaluate.plots import check_png_output
+
+    check_png_output(args.out)
     T = args.steps
     curves = {}
     for run in args.runs:

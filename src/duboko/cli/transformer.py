@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 from duboko.errors import DubokoError
+
+
+MAX_BEAM = 100  # beam search keeps N hypotheses per step: a typo (100000) would not end
 
 
 def register(sub) -> None:
@@ -15,15 +19,16 @@ def register(sub) -> None:
         help="translate TEXT with a trained seq2seq run (greedy or beam search)",
         description="Encode TEXT with a seq2seq run's tokenizer and decode the output greedily "
         "(--beam 1, the default) or with beam search (--beam N).",
-        epilog='example: duboko translate runs/s2s "907305" --beam 4',
+        epilog='examples:\n  duboko translate runs/s2s "907305"\n  duboko translate runs/s2s "907305" "12" --beam 4 --json',
     )
     p.add_argument("run", help="run folder of a seq2seq run (duboko train numbers-seq2seq --out RUN)")
     p.add_argument("text", nargs="+", help="source text(s) to translate, e.g. 907305")
-    p.add_argument("--beam", type=int, default=1, help="beam size (1: greedy decoding, the default)")
+    p.add_argument("--beam", type=int, default=1, metavar="N", help=f"beam size, 1-{MAX_BEAM} (default 1: greedy decoding)")
     p.add_argument("--length-penalty", type=float, default=0.0,
-                   help="beam search length penalty alpha (GNMT; 0: none, the default)")
-    p.add_argument("--max-new-tokens", type=int, default=0, help="longest output in tokens (0: the model's max_len)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default auto)")
+                   metavar="ALPHA", help="beam search length penalty α of GNMT, a finite number >= 0 (default 0: none)")
+    p.add_argument("--max-new-tokens", type=int, default=0, metavar="N",
+                   help="longest output in tokens (>= 0; default 0: the model's max_len)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     p.add_argument("--json", action="store_true", help="print JSON instead of lines")
     p.set_defaults(func=cmd_translate)
 
@@ -33,20 +38,22 @@ def register(sub) -> None:
         description="Run PROMPT through a GPT (language-model) or seq2seq run and draw each "
         "attention module's weights, one row per layer (and kind: encoder self, decoder self, "
         "cross) and one column per head. Rows of a map are queries, columns the keys they attend to.",
-        epilog='example: duboko attention runs/gpt --prompt "To be, or not to be" --out attn.png',
+        epilog='example:\n  duboko attention runs/gpt --prompt "To be, or not to be" --out attn.png',
     )
     p.add_argument("run", help="run folder of a language-model (GPT) or seq2seq run")
-    p.add_argument("--prompt", required=True, help="text to run through the model")
-    p.add_argument("--out", default="attention.png", help="picture to write (default attention.png)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default auto)")
+    p.add_argument("--prompt", required=True, help="text to run through the model (not empty)")
+    p.add_argument("--out", default="attention.png", metavar="PNG", help="picture to write (default attention.png)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     p.set_defaults(func=cmd_attention)
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
     from duboko.train.verify import load_run_of
 
-    if args.beam < 1:
-        raise DubokoError(f"--beam must be >= 1, got {args.beam}")
+    if not 1 <= args.beam <= MAX_BEAM:
+        raise DubokoError(f"--beam must be in 1..{MAX_BEAM}, got {args.beam}")
+    if not (math.isfinite(args.length_penalty) and args.length_penalty >= 0):
+        raise DubokoError(f"--length-penalty must be a finite number >= 0, got {args.length_penalty}")
     if args.max_new_tokens < 0:
         raise DubokoError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     loaded = load_run_of(args.run, ("seq2seq",), args.device)
@@ -74,6 +81,9 @@ def cmd_attention(args: argparse.Namespace) -> int:
 
     if not args.prompt:
         raise DubokoError("--prompt must not be empty")
+    from duboko.evaluate.plots import check_png_output
+
+    check_png_output(args.out)
     loaded = load_run_of(args.run, ("language-model", "seq2seq"), args.device)
     maps, note = collect_attention(loaded.model, loaded.task, args.prompt)
     plot_attention(maps, args.out, title=f"{loaded.config.recipe}: {note}  (rows: queries, columns: keys)")

@@ -28,10 +28,10 @@ def register(sub) -> None:
     )
     p.add_argument("src", help="a .pt/.pth file written by torch.save (a state dict, or a dict holding one)")
     p.add_argument("--model", required=True, help="registered model name (see `duboko models`)")
-    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--out", required=True, metavar="FILE", help="output .safetensors file (refused if it exists, unless --overwrite)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="model config field, e.g. image_size=16 (repeatable)")
-    p.add_argument("--key", help="take the state dict from this key of a checkpoint dict "
+    p.add_argument("--key", metavar="KEY", help="take the state dict from this key of a checkpoint dict "
                    "(default: the dict itself, else the state dict nested under a usual key such as state_dict or model)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_import_weights)
@@ -60,10 +60,11 @@ def cmd_import_weights(args) -> int:
         raise DubokoError(f"--out must end in .safetensors, got {str(out)!r}")
     if out.exists() and not args.overwrite:
         raise DubokoError(f"{out} already exists; pass --overwrite to replace it")
-    from duboko.cli.basics import check_model_set_types
+    from duboko.cli.basics import check_model_set_types, check_model_size
 
     overrides = {k.removeprefix("model."): v for k, v in parse_overrides(args.overrides)}
     check_model_set_types(args.model, overrides)
+    check_model_size(args.model, overrides)
     imported = import_weights(src, out, args.model, overrides, args.key)
     print(f"imported {imported.tensors} tensors ({imported.values:,} values) from {src} into {out} for model {args.model}")
     return 0

@@ -2,9 +2,13 @@
 
 - The forward (noising) process in closed form, x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε, at a few
   timesteps for each beta schedule: `forward_process` computes it, `plot_noising` draws it.
+- The noising strip at the end of a run: a few test images (rows) at several t (columns) with the
+  run's own schedule (`noising_frames`, `plot_noising_strip`).
 - The reverse (denoising) process of one sample: x_t and the network's estimate of the clean
   image x̂_0 at the steps that `duboko.diffusion.pipeline.sample(keep_every=...)` kept
   (`plot_trajectory`).
+- The guidance sweep of a conditional run: one row per classifier-free guidance scale, one column
+  per digit or prompt, the same starting noise down each column (`plot_guidance_sweep`).
 - How sure an accuracy over N samples is: the 95 % Wilson interval (`wilson_interval`,
   `accuracy_summary`, with the accuracy for each asked-for digit).
 """
@@ -12,6 +16,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import torch
@@ -28,8 +33,15 @@ def forward_process(
 
     x0, noise: (B, C, H, W); x_t has their shape. Noising for t steps is index t-1 of the
     scheduler's 0-based schedule."""
-    sched = DDPMScheduler(beta_schedule=beta_schedule)
-    T = sched.num_train_timesteps
+    return noising_frames(DDPMScheduler(beta_schedule=beta_schedule), x0, noise, timesteps)
+
+
+def noising_frames(
+    scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: list[int]
+) -> list[tuple[int, float, torch.Tensor]]:
+    """`forward_process` with a given scheduler (a run's own schedule and T): (t, ᾱ_t, x_t) per t
+    in 0..T, x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε (DDPM eq. 4) like x0 (B, C, H, W)."""
+    T = scheduler.num_train_timesteps
     out = []
     for t in timesteps:
         if not 0 <= t <= T:
@@ -37,8 +49,64 @@ def forward_process(
         if t == 0:
             out.append((0, 1.0, x0))
         else:
-            out.append((t, float(sched.alphas_cumprod[t - 1]), sched.add_noise(x0, noise, torch.tensor([t - 1]))))
+            index = torch.full((len(x0),), t - 1, dtype=torch.long)  # (B,) 0-based schedule index
+            out.append((t, float(scheduler.alphas_cumprod[t - 1]), scheduler.add_noise(x0, noise, index)))
     return out
+
+
+def strip_timesteps(T: int, count: int = 7) -> list[int]:
+    """`count` timesteps from 0 (clean) to T (pure noise), denser early where the image still
+    shows: 0, T/20, T/10, T/4, T/2, 3T/4, T for the default 7."""
+    shares = [0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0] if count == 7 else [i / (count - 1) for i in range(count)]
+    return sorted({round(s * T) for s in shares})
+
+
+def plot_noising_strip(
+    frames: list[tuple[int, float, torch.Tensor]], path: str | Path, title: str = "", row_label: str = "test image"
+) -> None:
+    """Rows: the images of `frames` (each frame's x_t (N, 1, H, W) in [-1, 1]); columns: the
+    timesteps, headed with t and ᾱ_t."""
+    from duboko.evaluate.plots import figure, hide_ticks
+
+    if not frames:
+        raise DubokoError("a noising strip needs at least one timestep")
+    n, cols = len(frames[0][2]), len(frames)
+    with figure(path, n, cols, size=(1.25 * cols + 0.4, 1.25 * n + 0.8), title=title, title_size=10) as (fig, axes):
+        for c, (t, abar, xt) in enumerate(frames):
+            for r in range(n):
+                ax = axes[r][c]
+                ax.imshow(xt[r, 0].float().clamp(-1, 1).cpu().numpy(), cmap="gray", vmin=-1, vmax=1)
+                hide_ticks(ax)
+                if r == 0:
+                    ax.set_title(f"t = {t}\nᾱ = {abar:.3f}", fontsize=8)
+                if c == 0:
+                    ax.set_ylabel(f"{row_label} {r + 1}", fontsize=8)
+        fig.supxlabel("forward process: more noise to the right →", fontsize=9)
+
+
+def plot_guidance_sweep(
+    images: torch.Tensor, guidances: list[float], columns: list[str], path: str | Path, title: str = ""
+) -> None:
+    """images (G, K, 1, H, W) in [-1, 1]: row g is guidance scale guidances[g], column k the
+    condition columns[k] (a digit or a prompt, wrapped), with the same starting noise down
+    each column so that only the guidance changes."""
+    from duboko.evaluate.plots import figure, hide_ticks
+
+    G, K = images.shape[:2]
+    if len(guidances) != G or len(columns) != K:
+        raise DubokoError(f"a sweep of {G} x {K} images needs {G} guidances and {K} column labels, "
+                          f"got {len(guidances)} and {len(columns)}")
+    with figure(path, G, K, size=(1.0 * K + 0.8, 1.05 * G + 1.3), title=title, title_size=10) as (fig, axes):
+        for g in range(G):
+            for k in range(K):
+                ax = axes[g][k]
+                ax.imshow(images[g, k, 0].float().clamp(-1, 1).cpu().numpy(), cmap="gray", vmin=-1, vmax=1)
+                hide_ticks(ax)
+                if g == 0:
+                    ax.set_title(textwrap.fill(columns[k], 14), fontsize=7)
+                if k == 0:
+                    ax.set_ylabel(f"w = {guidances[g]:g}", fontsize=9)
+        fig.supylabel("guidance scale w (0: unconditional, 1: conditional, >1: guided)", fontsize=8)
 
 
 def plot_noising(

@@ -113,7 +113,11 @@ def plot_confusion(cm, class_names: list[str], path: str | Path, title: str = "C
         # Log colour scale so the off-diagonal mistakes are visible beside the large diagonal.
         shown = np.log1p(cm)
         ax.imshow(shown, cmap="Blues")
-        ax.set_xticks(range(n), class_names)
+        # Names longer than a digit ("T-shirt/top", "Sneaker") would run into each other under the
+        # columns: those are slanted and anchored at their right end, under their own column.
+        long_names = max((len(str(c)) for c in class_names), default=0) > 2
+        ax.set_xticks(range(n), class_names, rotation=45 if long_names else 0,
+                      ha="right" if long_names else "center", rotation_mode="anchor")
         ax.set_yticks(range(n), class_names)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
@@ -140,6 +144,11 @@ def plot_curves(history: list[dict], path: str | Path, title: str = "") -> None:
                 if points:
                     ax.plot([p[0] for p in points], [float(p[1]) for p in points], style, label=split)
             ax.set_xlabel("epoch")
+            if all(float(e).is_integer() for e in epochs):
+                # Whole epochs only: no 1.5, 2.5 ticks between them.
+                from matplotlib.ticker import MaxNLocator
+
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel(metric)
             ax.grid(alpha=0.3)
             ax.legend()

@@ -10,7 +10,9 @@ config, the environment (device, precision, threads, ranks, from config.json and
 package versions of the process that wrote the page), timings, the training curves from
 history.csv, the final metrics, and per family: the confusion matrix and per-class P/R/F1 and
 the top-loss gallery (classifiers), the samples per epoch and a next-token table (language
-models), the test predictions (seq2seq), the sample grids and other pictures (diffusion).
+models), the test predictions (seq2seq), the sample grids per epoch and the final one, the guidance sweep
+(conditional runs) and the noising strip (diffusion; drawn from the model when an older run
+folder lacks guidance_sweep.png or noising.png).
 
 A run folder is input from a file: every file read is bounded in size and count, PNGs are
 checked by their signature, and every text goes through `html.escape`.
@@ -39,6 +41,8 @@ MAX_PICTURES = 40
 MAX_SAMPLES = 30
 MAX_TSV_ROWS = 200
 MAX_RUNS = 20
+DIFFUSION_TASKS = ("diffusion", "ldm")
+NOISING_PICTURE, SWEEP_PICTURE, FINAL_SAMPLES = "noising.png", "guidance_sweep.png", "samples.png"
 MAX_TB_BYTES = 64 * 1024 * 1024
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -52,6 +56,7 @@ pre { background: #f6f6fa; padding: 0.8em; overflow-x: auto; font-size: 0.85em; 
 img { max-width: 100%; border: 1px solid #ddd; margin: 0.3em 0; }
 details { margin: 0.4em 0; } .muted { color: #777; font-size: 0.9em; }
 nav a { margin-right: 1em; }
+figure { margin: 0.6em 0 1.2em 0; } figcaption { color: #555; font-size: 0.9em; max-width: 900px; }
 """
 
 
@@ -121,6 +126,11 @@ def _table(head: list[str] | None, rows: list[list[Any]]) -> str:
             cells.append(f"<td{cls}>{_e(_fmt(v))}</td>")
         out.append("<tr>" + "".join(cells) + "</tr>")
     return "".join(out) + "</table>"
+
+
+def _figure(uri: str | None, alt: str, caption: str, width: int = 0) -> str:
+    """A picture with its caption under it (the caption is plain text: escaped here)."""
+    return f"<figure>{_img(uri, alt, width)}<figcaption>{_e(caption)}</figcaption></figure>"
 
 
 def _img(uri: str | None, alt: str, width: int = 0) -> str:
@@ -339,11 +349,73 @@ def _seq2seq(run: dict) -> str:
             + _table(head, [r + [""] * (width - len(r)) for r in shown]))
 
 
+def _guidance_of(metrics: dict, config: dict) -> str:
+    """", guidance w" of a conditional run's samples ("" for an unconditional one)."""
+    if str(config.get("model", {}).get("conditioning", "none")) == "none":
+        return ""
+    value = metrics.get("sample_guidance", config.get("data", {}).get("guidance"))
+    return f", guidance {_fmt(value)}" if value is not None else ""
+
+
+def _diffusion(run: dict, model: Any, task: Any) -> tuple[str, set[str]]:
+    """The final samples, the guidance sweep (conditional runs), the noising strip and the
+    sample grids per epoch; the run folder's files, else (for an older run folder) drawn with
+    the task when `duboko report` loaded the model. Returns the HTML and the pictures shown."""
+    folder, config, metrics = run["dir"], run["config"], run["metrics"]
+    data = config.get("data", {})
+    conditioning = str(config.get("model", {}).get("conditioning", "none"))
+    can_draw = model is not None and task is not None and hasattr(task, "write_guidance_sweep")
+    parts: list[str] = []
+    if (folder / FINAL_SAMPLES).is_file():
+        note = (f"{_fmt(metrics.get('sample_count', ''))} samples scored, the first 100 shown "
+                f"({metrics.get('sample_sampler', data.get('sampler', ''))}, "
+                f"{_fmt(metrics.get('sample_steps', data.get('sample_steps', '')))} steps{_guidance_of(metrics, config)})")
+        if "prompt_accuracy" in metrics:
+            note += f"; prompt_accuracy {_fmt(metrics['prompt_accuracy'])}"
+        if "fd_mnist" in metrics:
+            note += f", fd_mnist {_fmt(metrics['fd_mnist'])} (real images {_fmt(metrics.get('fd_mnist_real', '?'))})"
+        parts.append("<h3>Final samples</h3>" + _figure(_png_uri(folder / FINAL_SAMPLES), "final samples", note, 480))
+    if conditioning != "none":
+        caption = ("Rows: the classifier-free guidance scale w (0: unconditional, 1: conditional only, above 1: pushed "
+                   "towards the condition); columns: the ten digits (or a held-out prompt for each); the same starting "
+                   "noise down each column, so only w changes.")
+        uri = _png_uri(folder / SWEEP_PICTURE)
+        if uri is None and can_draw:
+            uri = _drawn(lambda p: task.write_guidance_sweep(model, p))
+            caption += " (Drawn now from the model: the run folder has no guidance_sweep.png.)"
+        parts.append("<h3>Guidance sweep</h3>" + (_figure(uri, "guidance sweep", caption, 900) if uri else
+                     '<p class="muted">(no guidance sweep: the run folder has none; `duboko report RUN` without '
+                     "--files-only draws it from the model)</p>"))
+    caption = ("The forward process x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε on test images with this run's noise schedule "
+               f"({data.get('beta_schedule', '?')}): the denoiser learns to undo each column.")
+    if config.get("task") == "ldm":
+        caption += " The noise is added to the VAE latents; each panel is the noisy latent decoded by the VAE."
+    uri = _png_uri(folder / NOISING_PICTURE)
+    if uri is None and can_draw:
+        uri = _drawn(task.write_noising_strip)
+        caption += " (Drawn now: the run folder has no noising.png.)"
+    parts.append("<h3>Noising strip</h3>" + (_figure(uri, "noising strip", caption, 820) if uri else
+                 '<p class="muted">(no noising strip: the run folder has none; `duboko report RUN` without '
+                 "--files-only draws it)</p>"))
+    grids = sorted((folder / "samples").glob("epoch_*.png"), key=_natural_key)[:MAX_PICTURES] if (folder / "samples").is_dir() else []
+    if grids:
+        rows = "the digits 0-9 in each row" if conditioning != "none" else "unconditional"
+        parts.append(f"<h3>Sample grids per epoch</h3><p class=\"muted\">{_e(data.get('sampler', ''))}, "
+                     f"{_e(data.get('grid_steps', ''))} steps{_e(_guidance_of({}, config))}, the same seed every epoch "
+                     f"({rows}); the last epoch open, the others folded.</p>")
+        for g in grids:
+            body = _img(_png_uri(g), f"samples/{g.name}")
+            parts.append(f"<details{' open' if g == grids[-1] else ''}><summary>{_e(g.stem)}</summary>{body}</details>")
+    shown = {FINAL_SAMPLES, NOISING_PICTURE, SWEEP_PICTURE} | {f"samples/{g.name}" for g in grids}
+    return "".join(parts), shown
+
+
 def _pictures(run: dict, skip: set[str]) -> str:
     """The task's own PNGs: samples/*.png (diffusion grids per epoch) and the run folder's
     top-level pictures (samples, guidance sweep, noising strip) not already shown."""
     folder = run["dir"]
     found = sorted((folder / "samples").glob("*.png"), key=_natural_key) if (folder / "samples").is_dir() else []
+    found = [p for p in found if f"samples/{p.name}" not in skip]
     found += [p for p in sorted(folder.glob("*.png"), key=_natural_key) if p.name not in skip]
     parts = []
     for p in found[:MAX_PICTURES]:
@@ -372,14 +444,17 @@ def run_section(run: dict, model: Any = None, task: Any = None, anchor: str = "r
         parts.append("<details><summary>history.csv</summary>"
                      + _table(columns, [[r.get(c, "") for c in columns] for r in history]) + "</details>")
     family_html = ""
-    if family == "image-classification" or "confusion_matrix" in metrics:
+    shown: set[str] = set()
+    if family in DIFFUSION_TASKS:
+        family_html, shown = _diffusion(run, model, task)
+    elif family == "image-classification" or "confusion_matrix" in metrics:
         family_html = _classifier(run, model, task)
     elif family == "language-model":
         family_html = _language_model(run, model, task)
     elif family == "seq2seq":
         family_html = _seq2seq(run)
     skip = {"curves.png", "confusion_matrix.png", "top_losses.png"} if family_html or "confusion_matrix" in metrics else {"curves.png"}
-    family_html += _pictures(run, skip)
+    family_html += _pictures(run, skip | shown)
     if family_html:
         parts.append(f"<h2>{_e(family or 'task')}</h2>" + family_html)
     parts.append("<h2>Timings</h2>" + _timings(run))

@@ -16,6 +16,20 @@ What one graph is, per family (inference is a single forward pass in each):
       (the tanh RNN as the equivalent GRU with saturated gates: torch 2.13 unrolls nn.RNN to the
       example's length, while nn.GRU becomes ONNX's GRU op with a dynamic length)
     GPT (no key/value cache)                     tokens (B, T) int64 -> logits (B, T, V), T <= block_size
+    UNet denoiser step (none / class)            x (B, C, H, W), timesteps (B,)[, labels (B,)] -> prediction
+
+Two graphs, one file each (`graph_path`: --out X.onnx writes X.<graph>.onnx), where inference
+is a loop around two networks:
+
+    seq2seq        encoder       src (B, S) -> memory (B, S, D), memory_pad (B, S) bool
+                   decoder_step  token (B, 1), memory, memory_pad, past keys/values (L, B, H, P, Dh)
+                                 -> next-token logits (B, V), present keys/values (P + 1)
+    text-to-image  text_encoder  prompt tokens (B, L) -> context (B, L, D), context_mask (B, L) bool
+                   denoiser      x, timesteps, context, context_mask -> prediction (B, C, H, W)
+
+Their loop runs through ONNX Runtime against PyTorch before anything is written: greedy decoding
+must give PyTorch's tokens on real held-out sources (`greedy_decode_onnx`), and a short guided
+DDIM text-to-image run PyTorch's images (`OnnxTextDenoiser` inside `diffusion.pipeline.sample`).
 
 Parity: before anything is written, the exported graph runs in ONNX Runtime on random inputs and
 on real ones (test images through the task's own preprocessing; text through the run's
@@ -26,7 +40,10 @@ absolute difference of any output against the PyTorch model must stay within `to
 
 Metadata (ONNX `metadata_props`): the resolved recipe (config.json), the SHA-256 of the run's
 weights, class names and preprocessing constants (image size, channels, mean, std) or the
-tokenizer, the input/output layout, and the measured parity error.
+tokenizer, the input/output layout, and the measured parity error; for two-graph families also the
+graph's name and its sibling's file, the seq2seq special ids, max length and cache sizes, the
+text-to-image prompt tokenizer, null prompt, schedule (every ᾱ_t) and sampling defaults, so the
+files alone are enough to decode or to sample.
 """
 
 from __future__ import annotations
@@ -44,9 +61,10 @@ from torch import nn
 
 from duboko.errors import DubokoError
 from duboko.nn.attention import recording_attention
-from duboko.io import atomic_write_bytes, sha256_file
+from duboko.io import atomic_write_bytes
 from duboko.seeding import generator
-from duboko.train.run import WEIGHTS, LoadedRun, load_run
+from duboko.train.checkpoint import weights_digest
+from duboko.train.run import LoadedRun, load_run
 
 ONNX_FILE = "model.onnx"  # default place of the exported graph: inside the run folder
 DEFAULT_TOLERANCE = 1e-4  # max abs difference of any output, ONNX Runtime vs PyTorch (fp32)
@@ -172,6 +190,8 @@ class GraphSpec:
     metadata: dict[str, str] = field(default_factory=dict)
     # What parity compares against when `module` is an equivalent rewrite (the tanh RNN's GRU).
     reference: nn.Module | None = None
+    # The graph's name in a family of several graphs (seq2seq: encoder, decoder_step), "" alone.
+    name: str = ""
 
 
 def _image_spec(loaded: LoadedRun) -> GraphSpec:
@@ -293,11 +313,6 @@ class _ClassUNetGraph(_UNetGraph):
 def _unet_spec(loaded: LoadedRun) -> GraphSpec:
     cfg, task, model = loaded.config, loaded.task, loaded.model
     c = model.config
-    if c.conditioning not in ("none", "class"):
-        raise DubokoError(
-            f"ONNX export of the denoiser supports model.conditioning none or class, not {c.conditioning!r} "
-            "(the text prompt encoder is not exported yet)"
-        )
     g = generator(cfg.train.seed, PARITY_SEED_KEY)
     T = int(task.schedule.num_train_timesteps)
     conditioned = c.conditioning == "class"
@@ -327,19 +342,451 @@ def _unet_spec(loaded: LoadedRun) -> GraphSpec:
                      tuple({0: batch} for _ in names), make_inputs, metadata=meta)
 
 
-def graph_spec(loaded: LoadedRun) -> GraphSpec:
-    """The exportable graph of a loaded run, or one line saying why there is none."""
+# ---------------------------------------------------------------------------------------------
+# Seq2seq: two graphs, the encoder (once per source) and the decoder step (once per token).
+#
+#   encoder       src (B, S) int64, right-padded with pad_id -> memory (B, S, d_model) float32,
+#                 memory_pad (B, S) bool (True at padding)
+#   decoder_step  token (B, 1) int64, memory, memory_pad, past_keys, past_values
+#                 (layers, B, heads, P, head_dim) float32 (P = 0 at the first step: BOS)
+#                 -> logits (B, vocab) of the next token, present_keys, present_values (P + 1)
+#
+# The step is `Seq2Seq.decode` with its self-attention key/value cache as explicit tensors (one
+# new query sees every cached key: no causal mask inside the step); greedy decoding feeds the
+# argmax back and the presents as the next pasts, exactly as `Seq2Seq.greedy_decode` does.
+
+SEQ2SEQ_SRC_LENS = (5, 13)  # the two source lengths S of the parity check (longer when no real source fits)
+SEQ2SEQ_PAST_LENS = (0, 6)  # the decoder step's cache length P at each of them (0: the first step)
+GREEDY_CHECK_SOURCES = (1, 8)  # real sources decoded greedily by both engines (batch sizes)
+
+
+class _EncoderGraph(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        memory, pad = self.model.encode(src)  # (B, S, D), (B, S) True at padding
+        return memory, pad
+
+
+class _DecoderStepGraph(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, token: torch.Tensor, memory: torch.Tensor, memory_pad: torch.Tensor,
+                past_keys: torch.Tensor, past_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        past = list(zip(past_keys.unbind(0), past_values.unbind(0)))  # per layer (B, H, P, Dh) each
+        logits, present = self.model.decode(token, memory, memory_pad, past)  # (B, 1, V)
+        keys = torch.stack([k for k, _ in present])  # (L, B, H, P + 1, Dh)
+        values = torch.stack([v for _, v in present])
+        return logits[:, -1], keys, values
+
+
+def _real_sources(task: Any) -> list[list[int]] | None:
+    """Encoded held-out test sources (source + EOS), or None when the run's data is gone (a
+    TSV-trained run exported without its TSV)."""
+    try:
+        task._ensure_data()
+    except (DubokoError, OSError):
+        return None
+    for split in ("test", "val"):
+        sources = [s for s, _ in task.encoded.get(split, [])]
+        if sources:
+            return sources
+    return None
+
+
+def _fit_rows(rows: list[list[int]], batch: int, width: int, pad: int) -> torch.Tensor | None:
+    """The first `batch` rows no longer than `width` (cycled), right-padded to exactly `width`."""
+    fitting = [r for r in rows if len(r) <= width]
+    if not fitting:
+        return None
+    out = torch.full((batch, width), pad, dtype=torch.long)
+    for i in range(batch):
+        r = fitting[i % len(fitting)]
+        out[i, : len(r)] = torch.tensor(r)
+    return out
+
+
+def _seq2seq_specs(loaded: LoadedRun) -> list[GraphSpec]:
+    cfg, task, model = loaded.config, loaded.task, loaded.model
+    c = model.config
+    g = generator(cfg.train.seed, PARITY_SEED_KEY)
+    layers, heads, head_dim = c.num_decoder_layers, c.num_heads, c.d_model // c.num_heads
+    sources = _real_sources(task)
+    targets = None
+    lens = SEQ2SEQ_SRC_LENS
+    if sources is not None:
+        split = "test" if task.encoded.get("test") else "val"
+        targets = [[c.bos_id] + t[:-1] for _, t in task.encoded[split]]  # teacher-forced decoder inputs
+        shortest = min(map(len, sources))  # real sources must fit the first length
+        lens = (min(max(lens[0], shortest), c.max_len - 1), min(max(lens[1], shortest + 8), c.max_len))
+
+    def src_batch(batch: int, s: int, real: bool) -> torch.Tensor:
+        if real and sources is not None:
+            fitted = _fit_rows(sources, batch, s, c.pad_id)
+            if fitted is not None:
+                return fitted
+        src = torch.randint(4, c.vocab_size, (batch, s), generator=g)  # (B, S) no specials
+        src[:, -1] = c.eos_id
+        if batch > 1:
+            src[1:, -2:] = c.pad_id  # some right padding beside the full rows
+        return src
+
+    def encoder_inputs(batch: int, s: int, real: bool) -> tuple[torch.Tensor, ...]:
+        return (src_batch(batch, s, real),)
+
+    @torch.no_grad()
+    def step_inputs(batch: int, s: int, real: bool) -> tuple[torch.Tensor, ...]:
+        p = min(SEQ2SEQ_PAST_LENS[lens.index(s)] if s in lens else s // 2, c.max_len - 2)
+        if real and sources is not None:
+            src = src_batch(batch, s, True)
+            memory, pad = model.encode(src)
+            prefix = torch.full((batch, p + 1), c.pad_id, dtype=torch.long)
+            for i in range(batch):  # the real targets' first P + 1 decoder inputs (BOS first)
+                t = targets[i % len(targets)][: p + 1]
+                prefix[i, : len(t)] = torch.tensor(t)
+            if p:
+                _, past = model.decode(prefix[:, :p], memory, pad)
+                keys, values = torch.stack([k for k, _ in past]), torch.stack([v for _, v in past])
+            else:
+                keys = values = torch.zeros(layers, batch, heads, 0, head_dim)
+            return prefix[:, p:], memory, pad, keys, values
+        token = torch.randint(3, c.vocab_size, (batch, 1), generator=g)
+        memory = torch.randn(batch, s, c.d_model, generator=g)
+        pad = torch.rand(batch, s, generator=g) < 0.3
+        pad[:, 0] = False  # every source has a real first token
+        shape = (layers, batch, heads, p, head_dim)
+        return token, memory, pad, torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    src_len = torch.export.Dim("src_len", min=1, max=c.max_len)
+    # P + 1 <= max_len - 1: greedy decoding writes at most max_len - 1 tokens after BOS.
+    past = torch.export.Dim("past_len", min=0, max=c.max_len - 2)
+    tok = task.tokenizer
+    meta = {
+        "tokenizer": json.dumps(tok.to_dict()),
+        "special_ids": json.dumps({"pad": tok.pad_id, "bos": tok.bos_id, "eos": tok.eos_id, "unk": tok.unk_id}),
+        "max_len": str(c.max_len),
+        "decoding": json.dumps({
+            "num_layers": layers, "num_heads": heads, "head_dim": head_dim, "d_model": c.d_model,
+            "max_len": c.max_len, "max_new_tokens": c.max_len - 1, "bos_id": c.bos_id, "eos_id": c.eos_id,
+            "pad_id": c.pad_id,
+            "greedy": "encoder once; then token = BOS, past = zeros (layers, B, heads, 0, head_dim); per step "
+                      "logits, past = decoder_step(token, memory, memory_pad, past); token = argmax(logits) "
+                      "(pad once a row has produced EOS); stop when every row has EOS or after max_new_tokens",
+        }),
+        "source_format": "tokenizer pieces of the source text + EOS, right-padded with pad (id 0); "
+                         "at most max_len tokens",
+    }
+    if cfg.data.source == "numbers":
+        meta["direction"] = cfg.data.direction
+    enc_meta = {**meta, "inputs": f"src (B, S) int64, 1 <= S <= {c.max_len}; outputs memory (B, S, {c.d_model}) "
+                                  "float32, memory_pad (B, S) bool (True at padding)"}
+    step_meta = {**meta, "inputs": (
+        f"token (B, 1) int64, memory (B, S, {c.d_model}) float32, memory_pad (B, S) bool, past_keys and "
+        f"past_values ({layers}, B, {heads}, P, {head_dim}) float32, 0 <= P <= {c.max_len - 2}; outputs logits "
+        f"(B, {c.vocab_size}) float32 of the next token, present_keys and present_values (P + 1)")}
+    cache = {1: batch, 3: past}
+    return [
+        GraphSpec("seq2seq-encoder", _EncoderGraph(model), ["src"], ["memory", "memory_pad"],
+                  ({0: batch, 1: src_len},), encoder_inputs, lens, enc_meta, name="encoder"),
+        GraphSpec("seq2seq-decoder-step", _DecoderStepGraph(model),
+                  ["token", "memory", "memory_pad", "past_keys", "past_values"],
+                  ["logits", "present_keys", "present_values"],
+                  ({0: batch}, {0: batch, 1: src_len}, {0: batch, 1: src_len}, cache, cache), step_inputs,
+                  lens, step_meta, name="decoder_step"),
+    ]
+
+
+def greedy_decode_onnx(encoder: Any, decoder_step: Any, src: torch.Tensor, decoding: dict[str, Any],
+                       max_new_tokens: int | None = None) -> list[list[int]]:
+    """Greedy decoding with the two exported seq2seq graphs in ONNX Runtime, step for step what
+    `Seq2Seq.greedy_decode` does: src (B, S) int64 -> token ids per source (without BOS/EOS).
+    `decoding` is the graphs' `decoding` metadata (sizes and special ids)."""
+    d = decoding
+    steps = min(max_new_tokens or d["max_new_tokens"], d["max_new_tokens"])
+    memory, memory_pad = encoder.run(None, {"src": src.cpu().numpy()})
+    b = src.shape[0]
+    token = torch.full((b, 1), d["bos_id"], dtype=torch.long)
+    keys = values = torch.zeros(d["num_layers"], b, d["num_heads"], 0, d["head_dim"]).numpy()
+    out = torch.zeros(b, 0, dtype=torch.long)
+    done = torch.zeros(b, dtype=torch.bool)
+    for _ in range(steps):
+        logits, keys, values = decoder_step.run(None, {"token": token.numpy(), "memory": memory, "memory_pad": memory_pad,
+                                                       "past_keys": keys, "past_values": values})
+        token = torch.from_numpy(logits).argmax(-1, keepdim=True)  # (B, 1)
+        token = token.masked_fill(done[:, None], d["pad_id"])
+        out = torch.cat((out, token), dim=1)
+        done |= token[:, 0] == d["eos_id"]
+        if done.all():
+            break
+    rows = []
+    for row in out.tolist():
+        ids = []
+        for t in row:
+            if t in (d["eos_id"], d["pad_id"]):
+                break
+            ids.append(t)
+        rows.append(ids)
+    return rows
+
+
+@torch.no_grad()
+def _seq2seq_greedy_check(loaded: LoadedRun, specs: list[GraphSpec], sessions: dict[str, Any],
+                          tolerance: float) -> list[dict[str, Any]]:
+    """Greedy decoding through ONNX Runtime equals PyTorch's token for token, on real held-out
+    sources (random ones when the run's data is gone) at two batch sizes."""
+    model, task = loaded.model, loaded.task
+    decoding = json.loads(specs[1].metadata["decoding"])
+    sources = _real_sources(task)
+    rows = []
+    for b in GREEDY_CHECK_SOURCES:
+        if sources is not None:
+            chunk = [sources[i % len(sources)] for i in range(b)]
+            src = torch.full((b, max(map(len, chunk))), model.config.pad_id, dtype=torch.long)
+            for i, s in enumerate(chunk):
+                src[i, : len(s)] = torch.tensor(s)
+        else:
+            src = specs[0].make_inputs(b, SEQ2SEQ_SRC_LENS[0], False)[0]
+        expected = model.greedy_decode(src)
+        got = greedy_decode_onnx(sessions["encoder"], sessions["decoder_step"], src, decoding)
+        same = sum(e == g for e, g in zip(expected, got))
+        rows.append({"check": "greedy_decode", "inputs": "real" if sources is not None else "random", "batch": b,
+                     "sequences": b, "identical": same, "tokens": sum(map(len, expected))})
+        if same != b:
+            i = next(i for i, (e, g) in enumerate(zip(expected, got)) if e != g)
+            raise DubokoError(
+                f"greedy decoding differs between ONNX Runtime and PyTorch for {b - same} of {b} sources "
+                f"(first: {task.tokenizer.decode(got[i])!r} vs {task.tokenizer.decode(expected[i])!r}); nothing written")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Text-to-image: two graphs, the prompt encoder (once per prompt batch) and the denoiser step
+# (once per sampling step), as `diffusion.pipeline.sample` runs them.
+#
+#   text_encoder  tokens (B, L) int64 (BOS = 1 first, pad = 0) -> context (B, L, text_dim) float32,
+#                 context_mask (B, L) bool (True at padding)
+#   denoiser      x (B, C, H, W), timesteps (B,) int64, context, context_mask -> prediction (B, C, H, W)
+#
+# The DDIM loop, classifier-free guidance and the schedule stay with the caller; the schedule's
+# ᾱ_t (all T of them) is in the denoiser's metadata, so the two files are all a sampler needs.
+
+TEXT_PROMPT_LENS = (12, 30)  # the two prompt lengths L of the parity check
+PIPELINE_STEPS = 4  # DDIM steps of the export's text-to-image check
+PIPELINE_TOLERANCE_FACTOR = 10  # images after the DDIM loop: within 10 × tolerance (errors add up)
+
+
+class _TextEncoderGraph(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        context, mask = self.model.encode_text(tokens)  # (B, L, D), (B, L) True at padding
+        return context, mask
+
+
+class _TextDenoiserGraph(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                context_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(x, timesteps, None, context=context, context_mask=context_mask)  # (B, C, H, W)
+
+
+def _real_prompts(tokenizer: Any) -> list[list[int]]:
+    """Every training and held-out caption of every digit, as prompt token ids (BOS first)."""
+    from duboko.data import captions
+
+    texts = [captions.caption(d, t) for t in captions.HELD_OUT_TEMPLATES + captions.TRAIN_TEMPLATES for d in range(10)]
+    return [tokenizer.encode(t) for t in texts]
+
+
+def _text_unet_specs(loaded: LoadedRun) -> list[GraphSpec]:
+    cfg, task, model = loaded.config, loaded.task, loaded.model
+    c = model.config
+    g = generator(cfg.train.seed, PARITY_SEED_KEY)
+    T = int(task.schedule.num_train_timesteps)
+    prompts = _real_prompts(task.tokenizer)
+    real_x0 = task.eval_x0(task._load()["val_x"][:max(PARITY_BATCHES)].cpu())
+    max_len = int(c.max_prompt_len)
+    lens = tuple(min(n, max_len) for n in TEXT_PROMPT_LENS)
+
+    def tokens(batch: int, length: int, real: bool) -> torch.Tensor:
+        if real:
+            fitted = _fit_rows(prompts, batch, length, 0)
+            if fitted is not None:
+                return fitted
+        out = torch.randint(2, c.vocab_size, (batch, length), generator=g)
+        out[:, 0] = 1  # BOS
+        if batch > 1:
+            out[1:, length // 2:] = 0  # right padding beside the full rows
+        return out
+
+    def encoder_inputs(batch: int, length: int, real: bool) -> tuple[torch.Tensor, ...]:
+        return (tokens(batch, length, real),)
+
+    @torch.no_grad()
+    def denoiser_inputs(batch: int, length: int, real: bool) -> tuple[torch.Tensor, ...]:
+        t = torch.randint(0, T, (batch,), generator=g)
+        shape = (batch, c.in_channels, c.image_size, c.image_size)
+        if real and len(real_x0) >= batch:
+            # Real noisy digits (Ho et al. 2020, eq. 4) and real encoded prompts.
+            x = task.scheduler.add_noise(real_x0[:batch], torch.randn(shape, generator=g), t)
+            context, mask = model.encode_text(tokens(batch, length, True))
+        else:
+            x = torch.randn(shape, generator=g)
+            context = torch.randn(batch, length, c.text_dim, generator=g)
+            mask = torch.rand(batch, length, generator=g) < 0.3
+            mask[:, 0] = False  # BOS is never padding
+        return x.float(), t, context, mask
+
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    prompt_len = torch.export.Dim("prompt_len", min=1, max=max_len)
+    d = cfg.data
+    sched = task.scheduler
+    tokenizer = json.dumps(task.tokenizer.to_dict())
+    meta_enc = {"tokenizer": tokenizer, "null_prompt": json.dumps([1]), "inputs": (
+        f"tokens (B, L) int64, 1 <= L <= {max_len}: the prompt tokenizer's ids (BOS = 1 first, then one id per "
+        f"character of the lower-cased prompt), right-padded with 0; outputs context (B, L, {c.text_dim}) float32, "
+        "context_mask (B, L) bool (True at padding)")}
+    meta_den = {"tokenizer": tokenizer, "null_prompt": json.dumps([1]), "inputs": (
+        f"x (B, {c.in_channels}, {c.image_size}, {c.image_size}) float32 noisy images in [-1, 1] scale, timesteps "
+        f"(B,) int64 in [0, {T}), context (B, L, {c.text_dim}) float32 and context_mask (B, L) bool from "
+        f"text_encoder; output the predicted {d.prediction_type} (B, C, H, W)"),
+        "schedule": json.dumps({
+            "num_train_timesteps": T, "beta_schedule": d.beta_schedule, "prediction_type": d.prediction_type,
+            "clip_sample": sched.config.clip_sample, "clip_sample_range": sched.config.clip_sample_range,
+            "timestep_spacing": sched.config.timestep_spacing,
+            "alphas_cumprod": [float(a) for a in sched.alphas_cumprod],
+        }),
+        "sampling": json.dumps({
+            "sampler": d.sampler, "steps": d.sample_steps, "guidance": d.guidance, "eta": d.eta,
+            "use_clipped_model_output": True, "output_range": 1.0,
+            "guidance_rule": "prediction = uncond + guidance * (cond - uncond), one batch [prompts; null prompts "
+                             "padded to the prompts' width] (Ho & Salimans 2022)",
+        })}
+    return [
+        GraphSpec("text-encoder", _TextEncoderGraph(model), ["tokens"], ["context", "context_mask"],
+                  ({0: batch, 1: prompt_len},), encoder_inputs, lens, meta_enc, name="text_encoder"),
+        GraphSpec("unet-text-denoiser", _TextDenoiserGraph(model), ["x", "timesteps", "context", "context_mask"],
+                  ["prediction"], ({0: batch}, {0: batch}, {0: batch, 1: prompt_len}, {0: batch, 1: prompt_len}),
+                  denoiser_inputs, lens, meta_den, name="denoiser"),
+    ]
+
+
+class OnnxTextDenoiser(nn.Module):
+    """The two exported text-to-image graphs behind the interface `diffusion.pipeline.sample`
+    calls (`config`, `null_condition`, `encode_text`, forward with `context`), so the PyTorch
+    sampling loop runs on ONNX Runtime."""
+
+    def __init__(self, text_encoder: Any, denoiser: Any, config: Any):
+        super().__init__()
+        self.text_session, self.denoiser_session, self.config = text_encoder, denoiser, config
+
+    def null_condition(self, batch_size: int, device: Any = None) -> torch.Tensor:
+        return torch.ones(batch_size, 1, dtype=torch.long)  # the empty prompt: BOS alone
+
+    def encode_text(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        context, mask = run_session(self.text_session, ["tokens"], (tokens,))
+        return context, mask
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor | None = None, *,
+                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if context is None:
+            context, context_mask = self.encode_text(cond if cond is not None else self.null_condition(x.shape[0]))
+        return run_session(self.denoiser_session, ["x", "timesteps", "context", "context_mask"],
+                           (x.float(), timesteps.long(), context, context_mask))[0]
+
+
+@torch.no_grad()
+def _text_to_image_check(loaded: LoadedRun, specs: list[GraphSpec], sessions: dict[str, Any],
+                         tolerance: float) -> list[dict[str, Any]]:
+    """A short guided DDIM text-to-image run through ONNX Runtime against the PyTorch pipeline
+    (same prompts, same noise): the images must agree within PIPELINE_TOLERANCE_FACTOR × tolerance."""
+    from duboko.data import captions
+    from duboko.diffusion.pipeline import sample
+    from duboko.diffusion.schedulers import DDIMScheduler
+
+    task, model = loaded.task, loaded.model
+    guidance = float(loaded.config.data.guidance)
+    ort_model = OnnxTextDenoiser(sessions["text_encoder"], sessions["denoiser"], model.config)
+    rows = []
+    for b in PARITY_BATCHES:
+        prompts = [captions.caption(d % 10, captions.HELD_OUT_TEMPLATES[d % len(captions.HELD_OUT_TEMPLATES)])
+                   for d in range(3, 3 + b)]
+        cond = task.tokenizer.batch(prompts)
+        images = []
+        for m in (model, ort_model):
+            g = generator(loaded.config.train.seed, PARITY_SEED_KEY, b)
+            images.append(sample(m, DDIMScheduler(task.schedule), b, cond=cond, guidance=guidance,
+                                 num_steps=PIPELINE_STEPS, generator=g, device="cpu").images)
+        err = float((images[0] - images[1]).abs().max())
+        rows.append({"check": "text_to_image_ddim", "inputs": "real", "batch": b, "steps": PIPELINE_STEPS,
+                     "guidance": guidance, "max_abs_error": err})
+        if not err <= PIPELINE_TOLERANCE_FACTOR * tolerance:
+            raise DubokoError(
+                f"a {PIPELINE_STEPS}-step DDIM text-to-image run differs between ONNX Runtime and PyTorch: max abs "
+                f"error {err:.3g} > {PIPELINE_TOLERANCE_FACTOR * tolerance:g} (batch {b}); nothing written")
+    return rows
+
+
+# A family of several graphs has a check of the whole inference loop besides each graph's
+# parity: (loaded, specs, sessions by graph name, tolerance) -> report rows, DubokoError when off.
+PipelineCheck = Callable[[LoadedRun, list[GraphSpec], dict[str, Any], float], list[dict[str, Any]]]
+
+
+@dataclass
+class ExportPlan:
+    """What one run exports: its graphs (one file each) and, for several, the loop check."""
+
+    specs: list[GraphSpec]
+    pipeline_check: PipelineCheck | None = None
+
+
+def export_plan(loaded: LoadedRun) -> ExportPlan:
+    """The exportable graphs of a loaded run, or one line saying why there are none."""
     task = loaded.config.task
     if task == "image-classification":
-        return _image_spec(loaded)
+        return ExportPlan([_image_spec(loaded)])
     if task == "language-model":
-        return _lm_spec(loaded)
+        return ExportPlan([_lm_spec(loaded)])
+    if task == "seq2seq":
+        return ExportPlan(_seq2seq_specs(loaded), _seq2seq_greedy_check)
     if task == "diffusion":
-        return _unet_spec(loaded)
+        if loaded.model.config.conditioning == "text":
+            return ExportPlan(_text_unet_specs(loaded), _text_to_image_check)
+        return ExportPlan([_unet_spec(loaded)])
     raise DubokoError(
-        f"ONNX export supports image-classification, language-model and diffusion runs; this run's task is {task!r} "
-        "(seq2seq is not exportable yet)"
+        f"ONNX export supports image-classification, language-model, seq2seq and diffusion runs; this run's task "
+        f"is {task!r}"
     )
+
+
+def graph_spec(loaded: LoadedRun) -> GraphSpec:
+    """The one exportable graph of a single-graph run (`bench inference`), or one line."""
+    plan = export_plan(loaded)
+    if len(plan.specs) != 1:
+        names = ", ".join(s.name for s in plan.specs)
+        raise DubokoError(f"a {loaded.config.task} run exports {len(plan.specs)} graphs ({names}), not one; "
+                          "use `duboko export` for them")
+    return plan.specs[0]
+
+
+def graph_path(out: str | Path, name: str) -> Path:
+    """Where graph `name` of a several-graph export goes: `--out X.onnx` -> X.<name>.onnx (so the
+    default RUN/model.onnx gives RUN/model.encoder.onnx and RUN/model.decoder_step.onnx)."""
+    out = Path(out)
+    if not name:
+        return out
+    stem = out.name[: -len(".onnx")] if out.name.endswith(".onnx") else out.name
+    return out.with_name(f"{stem}.{name}.onnx")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,26 +853,47 @@ def parity(spec: GraphSpec, sess: Any) -> list[dict[str, Any]]:
                         f"ONNX Runtime cannot run the exported {spec.family} graph on {'real' if real else 'random'} "
                         f"inputs of batch {b}" + (f", seq_len {t}" if t else "") + f": {_first_cause(exc)}; nothing written"
                     ) from exc
-                err = max(float((e - g).abs().max()) for e, g in zip(expected, got))
-                rows.append({"inputs": "real" if real else "random", "batch": b, "seq_len": t, "max_abs_error": err})
+                # (masks are bool outputs: compared as 0/1, so a flipped entry counts as 1)
+                err = max(float((e.float() - g.float()).abs().max()) for e, g in zip(expected, got))
+                row = {"inputs": "real" if real else "random", "batch": b, "seq_len": t, "max_abs_error": err}
+                if spec.name:
+                    row["graph"] = spec.name
+                rows.append(row)
     return rows
 
 
 @dataclass
-class ExportReport:
+class ExportedFile:
+    """One written graph of an export."""
+
     path: Path
+    graph: str  # its name in a several-graph family ("" for a single graph)
+    family: str
+    bytes: int
+    max_abs_error: float
+
+
+@dataclass
+class ExportReport:
+    path: Path  # the (first) written file
     family: str
     checks: list[dict[str, Any]]
     tolerance: float
     max_abs_error: float
-    bytes: int
+    bytes: int  # all written files together
     quantized: Path | None = None
     int8_agreement: float | None = None  # share of real inputs whose argmax int8 == fp32
+    files: list[ExportedFile] = field(default_factory=list)
+    # The whole inference loop through ONNX Runtime vs PyTorch (greedy decoding, a DDIM run).
+    pipeline_checks: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "family": self.family, "tolerance": self.tolerance,
                 "max_abs_error": self.max_abs_error, "bytes": self.bytes, "checks": self.checks,
-                "quantized": str(self.quantized) if self.quantized else None, "int8_agreement": self.int8_agreement}
+                "quantized": str(self.quantized) if self.quantized else None, "int8_agreement": self.int8_agreement,
+                "files": [{"path": str(f.path), "graph": f.graph, "family": f.family, "bytes": f.bytes,
+                           "max_abs_error": f.max_abs_error} for f in self.files],
+                "pipeline_checks": self.pipeline_checks}
 
 
 def _with_metadata(model_proto: Any, loaded: LoadedRun, spec: GraphSpec, extra: dict[str, str]) -> Any:
@@ -435,7 +903,7 @@ def _with_metadata(model_proto: Any, loaded: LoadedRun, spec: GraphSpec, extra: 
         "task": loaded.config.task,
         "model": str(loaded.config.model["name"]),
         "family": spec.family,
-        "weights_sha256": sha256_file(loaded.run_dir / WEIGHTS),
+        "weights_sha256": weights_digest(loaded.run_dir),
         "input_names": json.dumps(spec.input_names),
         "output_names": json.dumps(spec.output_names),
         "torch_version": torch.__version__,
@@ -449,11 +917,24 @@ def _with_metadata(model_proto: Any, loaded: LoadedRun, spec: GraphSpec, extra: 
     return model_proto
 
 
+def _parity_error(spec: GraphSpec, checks: list[dict[str, Any]], tolerance: float) -> DubokoError:
+    worst = max(c["max_abs_error"] for c in checks)
+    bad = next(c for c in checks if not c["max_abs_error"] <= tolerance)
+    graph = f"{spec.name} graph, " if spec.name else ""
+    return DubokoError(
+        f"ONNX Runtime and PyTorch disagree: max abs error {worst:.3g} > tolerance {tolerance:g} "
+        f"({graph}{bad['inputs']} inputs, batch {bad['batch']}"
+        + (f", seq_len {bad['seq_len']}" if bad["seq_len"] else "") + "); nothing written"
+    )
+
+
 def export_loaded(loaded: LoadedRun, out: str | Path, *, tolerance: float = DEFAULT_TOLERANCE,
                   opset: int = DEFAULT_OPSET, quantize: str | None = None) -> ExportReport:
     """Export a loaded run to `out` (parity-checked); with quantize="int8" the written file is
     the int8 graph (dynamic quantisation of the checked fp32 one) and the report says how often
-    its top-1 agrees with fp32 on real inputs."""
+    its top-1 agrees with fp32 on real inputs. A family of several graphs (seq2seq, text-to-image)
+    writes one file per graph (`graph_path`), each parity-checked, and its inference loop is run
+    through ONNX Runtime against PyTorch before anything is written."""
     require_onnx()
     if opset not in OPSETS:
         raise DubokoError(f"opset {opset} cannot be exported by this torch: expected {OPSETS.start}..{OPSETS.stop - 1}")
@@ -466,41 +947,59 @@ def export_loaded(loaded: LoadedRun, out: str | Path, *, tolerance: float = DEFA
         raise DubokoError(f"ONNX export takes float32 weights; this model has {sorted(map(str, dtypes))}")
     out = Path(out)
     loaded.model.cpu().eval()
-    spec = graph_spec(loaded)
-    t0 = max(spec.seq_lens[-1], 2) if spec.seq_lens != (0,) else 0
-    example = spec.make_inputs(2, t0, False)  # batch 2 (and T > 1): 0/1 would be specialised
-    program = _quiet_export(spec, example, opset)
-    proto = program.model_proto
-    fp32_bytes = proto.SerializeToString()
-    sess = session(fp32_bytes)
-    checks = parity(spec, sess)
-    worst = max(c["max_abs_error"] for c in checks)
-    if not worst <= tolerance:  # also refuses NaN
-        bad = next(c for c in checks if not c["max_abs_error"] <= tolerance)
-        raise DubokoError(
-            f"ONNX Runtime and PyTorch disagree: max abs error {worst:.3g} > tolerance {tolerance:g} "
-            f"({bad['inputs']} inputs, batch {bad['batch']}"
-            + (f", seq_len {bad['seq_len']}" if bad["seq_len"] else "") + "); nothing written"
-        )
-    extra = {"parity_max_abs_error": f"{worst:.3g}", "parity_tolerance": f"{tolerance:g}",
-             "parity_checks": json.dumps(checks), "precision": "fp32"}
-    data = _with_metadata(proto, loaded, spec, extra).SerializeToString()
-    if len(data) > MAX_ONNX_BYTES:
-        raise DubokoError(f"the graph is {len(data)} bytes, over the 2 GiB a single ONNX file holds")
+    plan = export_plan(loaded)
+    if quantize and len(plan.specs) > 1:
+        raise DubokoError(f"--quantize int8 covers single-graph families; a {loaded.config.task} run exports "
+                          f"{len(plan.specs)} graphs ({', '.join(s.name for s in plan.specs)}): export it without --quantize")
+    protos, sessions, all_checks, per_graph = [], {}, [], []
+    for spec in plan.specs:
+        t0 = max(spec.seq_lens[-1], 2) if spec.seq_lens != (0,) else 0
+        example = spec.make_inputs(2, t0, False)  # batch 2 (and T > 1): 0/1 would be specialised
+        proto = _quiet_export(spec, example, opset).model_proto
+        sess = session(proto.SerializeToString())
+        checks = parity(spec, sess)
+        worst = max(c["max_abs_error"] for c in checks)
+        if not worst <= tolerance:  # also refuses NaN
+            raise _parity_error(spec, checks, tolerance)
+        protos.append(proto)
+        sessions[spec.name] = sess
+        all_checks += checks
+        per_graph.append(worst)
+    worst = max(per_graph)
+    pipeline_rows = plan.pipeline_check(loaded, plan.specs, sessions, tolerance) if plan.pipeline_check else []
+    paths = [graph_path(out, spec.name) for spec in plan.specs]
+    graphs = {spec.name: path.name for spec, path in zip(plan.specs, paths)}
+    blobs = []
     agreement = None
-    if quantize == "int8":
-        from duboko.export.quantize import quantize_int8_bytes
+    for spec, proto, graph_worst in zip(plan.specs, protos, per_graph):
+        checks = [c for c in all_checks if c.get("graph", "") == spec.name]
+        extra = {"parity_max_abs_error": f"{graph_worst:.3g}", "parity_tolerance": f"{tolerance:g}",
+                 "parity_checks": json.dumps(checks), "precision": "fp32"}
+        if spec.name:
+            extra.update({"graph": spec.name, "graphs": json.dumps(graphs),
+                          "pipeline_checks": json.dumps(pipeline_rows)})
+        data = _with_metadata(proto, loaded, spec, extra).SerializeToString()
+        if len(data) > MAX_ONNX_BYTES:
+            raise DubokoError(f"the graph is {len(data)} bytes, over the 2 GiB a single ONNX file holds")
+        if quantize == "int8":
+            from duboko.export.quantize import quantize_int8_bytes
 
-        q = quantize_int8_bytes(data)
-        agreement = top1_agreement(spec, sess, session(q))
-        import onnx
+            q = quantize_int8_bytes(data)
+            agreement = top1_agreement(spec, sessions[spec.name], session(q))
+            import onnx
 
-        qproto = onnx.load_from_string(q)
-        extra.update({"precision": "int8", "int8_top1_agreement": f"{agreement:.4f}"})
-        data = _with_metadata(qproto, loaded, spec, extra).SerializeToString()
-    atomic_write_bytes(out, data)
-    return ExportReport(out, spec.family, checks, tolerance, worst, len(data),
-                        out if quantize else None, agreement)
+            qproto = onnx.load_from_string(q)
+            extra.update({"precision": "int8", "int8_top1_agreement": f"{agreement:.4f}"})
+            data = _with_metadata(qproto, loaded, spec, extra).SerializeToString()
+        blobs.append(data)
+    # Every check has passed: only now is anything written (each file atomically).
+    files = []
+    for spec, path, data, graph_worst in zip(plan.specs, paths, blobs, per_graph):
+        atomic_write_bytes(path, data)
+        files.append(ExportedFile(path, spec.name, spec.family, len(data), graph_worst))
+    family = plan.specs[0].family if len(plan.specs) == 1 else "+".join(s.family for s in plan.specs)
+    return ExportReport(paths[0], family, all_checks, tolerance, worst, sum(len(b) for b in blobs),
+                        paths[0] if quantize else None, agreement, files, pipeline_rows)
 
 
 @torch.no_grad()
@@ -556,7 +1055,7 @@ class OnnxModel:
         except Exception as exc:
             raise DubokoError(f"{path} is not an ONNX model ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
         self.metadata = {p.key: p.value for p in proto.metadata_props}
-        want = sha256_file(loaded.run_dir / WEIGHTS)
+        want = weights_digest(loaded.run_dir)
         if self.metadata.get("weights_sha256") != want:
             raise DubokoError(f"{path} was not exported from the weights of run {str(loaded.run_dir)!r} "
                               "(its weights_sha256 metadata differs); export it again")

@@ -44,6 +44,10 @@ class ConvClassifier(nn.Module):
 
     def __init__(self, config: ImageClassifierConfig):
         super().__init__()
+        # A negative size would pass the divisibility check and even give positive layer widths
+        # (128·(-16/4)² > 0), so the sign is checked first.
+        if not isinstance(config.image_size, int) or config.image_size < 4:
+            raise ValueError(f"image_size must be an integer >= 4 (two 2×2 max-pools), got {config.image_size!r}")
         check_divisible("image_size", config.image_size, 4, "two 2×2 max-pools")
         check_dropout(config.dropout)
         self.config = config

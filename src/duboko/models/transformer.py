@@ -42,6 +42,7 @@ from duboko.nn.attention import (
     KV,
     MLP,
     POSITIONAL,
+    LearnedPositionalEncoding,
     TransformerDecoder,
     TransformerEncoder,
 )
@@ -77,6 +78,23 @@ class TanhGELUMLP(MLP):
         return self.dropout(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))  # (B, T, D)
 
 
+class DecodeBuffer:
+    """Preallocated storage for the fused one-token step: keys and values of every layer for all
+    block_size positions, written in place one position per token (instead of a torch.cat that
+    copies the whole cache per layer and token), and the tokens seen. A `KVCache` made by the
+    fused step holds views of it.
+
+    Positions below `filled` are never written again, so the views of earlier states stay valid;
+    a step from a state whose offset is not `filled` (a second continuation of the same state)
+    copies that state into a new buffer instead of overwriting the other branch's next position."""
+
+    def __init__(self, kv: torch.Tensor, tokens: torch.Tensor, plan: list[tuple], filled: int):
+        self.kv = kv  # (L, 2, B, H, block_size, Dh): keys [:, 0] and values [:, 1]
+        self.tokens = tokens  # (B, block_size) long
+        self.plan = plan  # the model's fused-step tensors (GPT._decode_plan), checked when the buffer was made
+        self.filled = filled  # positions written
+
+
 @dataclass
 class KVCache:
     """The GPT's generation state: what `forward(idx, state)` returns and takes back."""
@@ -84,6 +102,7 @@ class KVCache:
     layers: list[KV] = field(default_factory=list)  # per layer (k, v), each (B, H, P, Dh)
     offset: int = 0  # P: positions already in the cache (the next token's position)
     tokens: torch.Tensor | None = None  # (B, P) the cached tokens, to re-encode a full window
+    buffer: DecodeBuffer | None = None  # the fused step's storage that `layers` and `tokens` are views of
 
 
 @dataclass
@@ -181,16 +200,21 @@ class GPT(nn.Module):
 
     # -- the one-token decoding step ---------------------------------------------------------
     # Generation at batch 1 runs one token through the model per step. There the matrices are
-    # tiny ((1, 128) @ (128, 128) for shakespeare-gpt) and the time goes to Python: ~25 module
-    # calls and ~100 small ops per token. This path computes the same block maths (x + Attn(LN(x)),
-    # x + MLP(LN(x)), the final LN and the head) with functional calls on tensors gathered once and
-    # one fused QKV matmul per layer: fewer ops, no module dispatch. Tested equal to the general
-    # path to 1e-5.
+    # tiny ((1, 128) @ (128, 384) for shakespeare-gpt, ~8 µs) and the time goes to dispatch: ~25
+    # module calls and ~100 small ops per token on the general path. This path computes the same
+    # block maths (x + Attn(LN(x)), x + MLP(LN(x)), the final LN and the head) with functional
+    # calls on tensors gathered once per generation, one fused QKV matmul per layer, and keys and
+    # values written in place into a preallocated buffer (`DecodeBuffer`, one copy per layer per
+    # token) instead of concatenated. Tested equal to the general path (logits to 1e-5, the same
+    # tokens greedy and seeded). Measured and not kept: torch.compile of this step (slower per token
+    # on CPU and ~100 s of warm-up) and attention over the whole masked buffer (1.45x slower than
+    # over the filled view); see docs/benchmarks.md.
 
     def _fast_decode_ok(self) -> bool:
-        """The fused step covers inference with additive positions (learned / sinusoidal / none)
-        and no recorded attention weights; anything else takes the general path."""
-        if self.training or self.config.positional == "rotary":
+        """The fused step covers inference (eval mode, no autograd: the stacked weights are copies)
+        with additive positions (learned / sinusoidal / none) and no recorded attention weights;
+        anything else takes the general path."""
+        if self.training or torch.is_grad_enabled() or self.config.positional == "rotary":
             return False
         return not any(layer.self_attn.record_weights for layer in self.decoder.layers)
 
@@ -198,7 +222,8 @@ class GPT(nn.Module):
         """Per layer the tensors of the fused step, W^Q, W^K, W^V stacked to (3·D, D), then the
         final LayerNorm's and the head's: read straight from the modules' parameter dicts (module
         attribute lookups cost more than the tiny matmuls here). Rebuilt when a weight changes:
-        the key holds each tensor's identity, address and in-place version counter."""
+        the key holds each tensor's identity, address and in-place version counter. Checking the
+        key costs ~40 µs, so it is checked once per `DecodeBuffer` (per generation), not per token."""
         layers = self.decoder.layers
         modules = getattr(self, "_plan_modules", None)
         if modules is None or len(modules) != len(layers):
@@ -221,29 +246,54 @@ class GPT(nn.Module):
         object.__setattr__(self, "_plan_cache", (key, plan))
         return plan
 
+    def _decode_buffer(self, state: KVCache) -> DecodeBuffer:
+        """The buffer to write position state.offset into: the state's own when this is the next
+        position of its newest branch, else a new one holding a copy of the state."""
+        buf, p = state.buffer, state.offset
+        if buf is not None and buf.filled == p and (not buf.kv.is_inference() or torch.is_inference_mode_enabled()):
+            return buf  # (an inference-mode tensor cannot be written outside inference mode: copy it then)
+        k0 = state.layers[0][0]  # (B, H, P, Dh)
+        b, h, _, dh = k0.shape
+        kv = torch.empty(len(state.layers), 2, b, h, self.config.block_size, dh, dtype=k0.dtype, device=k0.device)
+        for i, (k, v) in enumerate(state.layers):
+            kv[i, 0, :, :, :p] = k
+            kv[i, 1, :, :, :p] = v
+        tokens = torch.zeros(b, self.config.block_size, dtype=torch.long, device=k0.device)
+        if state.tokens is not None:
+            tokens[:, :p] = state.tokens[:, -p:]
+        return DecodeBuffer(kv, tokens, self._decode_plan(), p)
+
     def _decode_one(self, idx: torch.Tensor, state: KVCache) -> tuple[torch.Tensor, KVCache]:
         """idx (B, 1), the cache of P < block_size positions -> logits (B, 1, vocab), new cache."""
         c, dec = self.config, self.decoder
-        b = idx.shape[0]
+        b, p = idx.shape[0], state.offset
         h, dh, d = c.n_head, c.n_embd // c.n_head, c.n_embd
-        x = dec.embed_positions(self.tok_emb(idx), offset=state.offset)  # (B, 1, D)
-        present: list[KV] = []
-        for (shape1, g1, b1, eps1, w_qkv, b_qkv, w_out, b_out, shape2, g2, b2, eps2, w1, bias1, w2, bias2,
-             approximate), (k_past, v_past) in zip(self._decode_plan(), state.layers):
-            y = F.layer_norm(x, shape1, g1, b1, eps1)  # x + Attn(LN1(x)) ...
-            q, k, v = F.linear(y, w_qkv, b_qkv).view(b, 1, 3, h, dh).permute(2, 0, 3, 1, 4)  # each (B, H, 1, Dh)
-            k = torch.cat((k_past, k.to(k_past.dtype)), dim=2)  # (B, H, P+1, Dh)
-            v = torch.cat((v_past, v.to(v_past.dtype)), dim=2)
-            a = F.scaled_dot_product_attention(q, k, v)  # one query sees every cached key: no mask
-            x = x + F.linear(a.transpose(1, 2).reshape(b, 1, d), w_out, b_out)
-            y = F.gelu(F.linear(F.layer_norm(x, shape2, g2, b2, eps2), w1, bias1), approximate=approximate)  # (B, 1, 4D)
+        buf = self._decode_buffer(state)
+        # Token embedding plus the position's encoding; eval mode, so the embedding dropout is the
+        # identity (the general path's embed_positions, without its module calls).
+        x = F.embedding(idx[:, 0], self.tok_emb.weight)  # (B, D)
+        pos = dec.positional
+        if isinstance(pos, LearnedPositionalEncoding):
+            x = x + pos.embedding.weight[p]
+        elif pos is not None:  # sinusoidal: the fixed table
+            x = x + pos.pe[p].to(x.dtype)
+        slot = buf.kv[:, :, :, :, p]  # (L, 2, B, H, Dh): where this token's keys and values go
+        keys = buf.kv[:, 0, :, :, : p + 1]  # (L, B, H, P+1, Dh) views, for the attention and the new state
+        values = buf.kv[:, 1, :, :, : p + 1]
+        for i, (shape1, g1, b1, eps1, w_qkv, b_qkv, w_out, b_out, shape2, g2, b2, eps2, w1, bias1, w2, bias2,
+                approximate) in enumerate(buf.plan):
+            qkv = F.linear(F.layer_norm(x, shape1, g1, b1, eps1), w_qkv, b_qkv).view(b, 3, h, dh)  # x + Attn(LN1(x)) ...
+            slot[i].copy_(qkv[:, 1:].transpose(0, 1))  # k and v at position P, one copy (casts to the cache dtype)
+            a = F.scaled_dot_product_attention(qkv[:, 0, :, None], keys[i], values[i])  # one query, every key: no mask
+            x = x + F.linear(a.reshape(b, d), w_out, b_out)  # (B, H, 1, Dh) is (B, D) in memory: T = 1
+            y = F.gelu(F.linear(F.layer_norm(x, shape2, g2, b2, eps2), w1, bias1), approximate=approximate)  # (B, 4D)
             x = x + F.linear(y, w2, bias2)  # ... then x + MLP(LN2(x))
-            present.append((k, v))
         norm = dec.norm
         x = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-        logits = F.linear(x, self.lm_head.weight)  # (B, 1, vocab); the head has no bias
-        seen = idx if state.tokens is None else torch.cat((state.tokens, idx), dim=1)
-        return logits, KVCache(present, state.offset + 1, seen)
+        logits = F.linear(x, self.lm_head.weight)[:, None]  # (B, 1, vocab); the head has no bias
+        buf.tokens[:, p] = idx[:, 0]
+        buf.filled = p + 1
+        return logits, KVCache(list(zip(keys.unbind(0), values.unbind(0))), p + 1, buf.tokens[:, : p + 1], buf)
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         """Parameters (tied weights counted once); non_embedding drops the position table."""

@@ -48,7 +48,9 @@ def filter_logits(
     """Scale by 1/temperature, keep the k most likely tokens (top_k > 0) and the smallest set
     whose probability reaches top_p (Holtzman et al. 2020, nucleus sampling); the rest -> -inf.
     logits: (V,) float. temperature must be > 0 here (0 means greedy and is handled by the caller)."""
-    logits = logits.float() / temperature
+    logits = logits.float()
+    if temperature != 1.0:  # x / 1 == x exactly: skip the op (one of the few per generated token)
+        logits = logits / temperature
     if top_k and top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -127,7 +129,10 @@ def generate(
       a model with `config.block_size` gets its context cropped to the last block_size tokens, and
       once a cached context would exceed block_size the cropped context is re-fed.
     - on_token(id): called with every new token as it is produced (streaming).
-    The model is run in eval mode under no_grad and put back in its previous mode afterwards.
+    The model is run in eval mode under `torch.inference_mode` (no autograd bookkeeping at all; the
+    state never leaves this function) and put back in its previous mode afterwards. Per token: one
+    model call on the newest token, one softmax over the last row of logits, one multinomial draw
+    and one host sync (the int of the token).
     """
     ids = [int(i) for i in (prompt_ids.flatten().tolist() if torch.is_tensor(prompt_ids) else prompt_ids)]
     if not ids:
@@ -146,7 +151,7 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.inference_mode():
             state = None
             in_state = 0  # tokens the state has seen
             logits = None

@@ -70,6 +70,9 @@ class Task:
     # Fields that the [data] and [model] sections both have and that must agree (image_size): a
     # bare `--set image_size=64` sets both.
     shared_fields: ClassVar[tuple[str, ...]] = ()
+    # [data] fields a fine-tune (train.init_from) takes from its source run, because the weights
+    # depend on them (a language model's tokenizer and vocabulary size).
+    init_from_data_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Any, device: torch.device, rank: int = 0, world_size: int = 1):
         self.config = config  # duboko.config.RunConfig
@@ -124,7 +127,8 @@ class Task:
     # -- data ----------------------------------------------------------------------------------
     def setup(self, run_dir: Path | None = None) -> None:
         """Load data (and, in a run folder being resumed or evaluated, saved assets such as a
-        tokenizer). May fill derived model fields with `set_model_field`."""
+        tokenizer; for a new run with `train.init_from`, `run_dir` is that source run, whose
+        assets the fine-tune reuses). May fill derived model fields with `set_model_field`."""
 
     def save_assets(self, run_dir: Path) -> list[str]:
         """Write what inference needs beside the weights (tokenizer, class names), atomically;

@@ -9,6 +9,11 @@ Conditioning comes from the model's `conditioning` field: "none", "class" (the l
 probability `p_uncond` the condition is replaced by the null label / empty prompt, so the same
 network also learns the unconditional model that classifier-free guidance needs.
 
+At the end of a run (when `grid_rows` > 0) two more pictures go into the run folder: noising.png,
+the forward process on a few test images at several t with the run's own schedule, and for a
+conditional run guidance_sweep.png, one row per guidance scale of SWEEP_GUIDANCES and one column
+per digit (or held-out prompt), the same noise down each column (DDIM, `grid_steps` steps).
+
 The final metrics sample `eval_samples` images and score them with the project's MNIST classifier
 (`duboko.evaluate.fid`): `prompt_accuracy` (share classified as the asked-for digit; for text,
 prompts use only HELD-OUT phrasings) and `fd_mnist` (Fréchet distance of the classifier's features
@@ -46,6 +51,10 @@ from duboko.seeding import generator
 from duboko.tasks import Evaluation, StepOutput, Task, register_task
 
 PROMPT_FILE = "prompt_tokenizer.json"
+NOISING_PICTURE = "noising.png"  # the end-of-run noising strip (every diffusion run)
+SWEEP_PICTURE = "guidance_sweep.png"  # the end-of-run guidance sweep (conditional runs)
+SWEEP_GUIDANCES = (0.0, 1.0, 2.0, 4.0, 6.0, 8.0)  # its rows: classifier-free guidance scales w
+NOISING_IMAGES = 4  # test images (rows) of the noising strip
 SAMPLERS = ("ddpm", "ddim")
 DATASETS = ("mnist",)
 
@@ -65,7 +74,7 @@ class DiffusionDataConfig:
     grid_steps: int = 25  # denoising steps for the per-epoch sample grids
     eta: float = 0.0  # DDIM noise (0: deterministic)
     guidance: float = 3.0  # classifier-free guidance scale for grids and metrics (1: none)
-    grid_rows: int = 4  # rows of the per-epoch grid (10 columns: the digits 0-9 when conditioned)
+    grid_rows: int = 4  # rows of the per-epoch grid (10 columns: the digits 0-9 when conditioned); 0: no grids, no end pictures
     eval_samples: int = 1000  # samples for prompt_accuracy / fd_mnist at the end (100 per digit; 0: skip the metrics)
     fd_reference: int = 5000  # MNIST test images whose features are the fd_mnist reference
     eval_batch_size: int = 250  # batch size for sampling and validation (bounds the memory of sampling)
@@ -374,6 +383,73 @@ class DiffusionTask(Task):
         self._reference_cache = (n, scorer, ref)
         return scorer, ref
 
+    # -- end-of-run pictures -------------------------------------------------------------------
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Diffusion samples x_0 (N, C, H, W) -> images (N, 1, 28, 28) in [-1, 1]: the identity
+        here (the samples are the images); a latent run decodes through its VAE."""
+        return z
+
+    @torch.no_grad()
+    def noising_strip(self, n: int = NOISING_IMAGES) -> list[tuple[int, float, torch.Tensor]]:
+        """The forward process of the first n MNIST test images with this run's schedule, at
+        `strip_timesteps(T)`: (t, ᾱ_t, images (n, 1, 28, 28) in [-1, 1]) per t. The noise is
+        drawn in the space the denoiser works in (pixels, or a latent run's latents, decoded)."""
+        from duboko.evaluate.diffusion import noising_frames, strip_timesteps
+
+        cfg = self.config.data
+        images, _ = mnist.load_split("test", cfg.data_dir or None, limit=n)  # (n, 28, 28) uint8
+        x0 = self.eval_x0(images).cpu()  # (n, C, H, W)
+        noise = torch.randn(x0.shape, generator=generator(cfg.eval_seed))
+        frames = noising_frames(self.scheduler, x0, noise, strip_timesteps(self.schedule.num_train_timesteps))
+        return [(t, abar, self.decode(xt).cpu()) for t, abar, xt in frames]
+
+    def sweep_columns(self) -> tuple[dict[str, Any], list[str]]:
+        """The guidance sweep's conditions (the ten digits, or a held-out prompt for each) and
+        their column labels."""
+        if self.conditioning == "text":
+            prompts = [C.caption(y, C.HELD_OUT_TEMPLATES[0]) for y in range(10)]
+            return {"prompts": prompts}, [f'"{p}"' for p in prompts]
+        if self.conditioning == "class":
+            return {"labels": list(range(10))}, [f"digit {y}" for y in range(10)]
+        raise DubokoError("this run is unconditional (model.conditioning = none): it has no guidance to sweep")
+
+    @torch.no_grad()
+    def guidance_sweep(self, model: nn.Module, guidances: tuple[float, ...] = SWEEP_GUIDANCES) -> tuple[torch.Tensor, list[str]]:
+        """Images (G, 10, 1, 28, 28) on the CPU: row g sampled with guidance guidances[g], DDIM
+        with `grid_steps` steps and the grids' seed, so every row starts from the same noise
+        (column k: the same x_T for every w). Returns the images and the column labels."""
+        cond, columns = self.sweep_columns()
+        model.eval()
+        rows = [self.generate(model, 10, sampler="ddim", steps=self.config.data.grid_steps, guidance=w, **cond).images.cpu()
+                for w in guidances]
+        return torch.stack(rows), columns
+
+    def write_noising_strip(self, path: Path) -> None:
+        from duboko.evaluate.diffusion import plot_noising_strip
+
+        space = "pixels" if type(self).decode is DiffusionTask.decode else "VAE latents, decoded"
+        plot_noising_strip(self.noising_strip(), path, row_label="test",
+                           title=f"{self.config.recipe}: forward noising x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε "
+                                 f"({self.schedule.beta_schedule} schedule, T = {self.schedule.num_train_timesteps}; {space})")
+
+    def write_guidance_sweep(self, model: nn.Module, path: Path) -> None:
+        from duboko.evaluate.diffusion import plot_guidance_sweep
+
+        images, columns = self.guidance_sweep(model)
+        plot_guidance_sweep(images, list(SWEEP_GUIDANCES), columns, path,
+                            title=f"{self.config.recipe}: guidance sweep (DDIM, {self.config.data.grid_steps} steps, "
+                                  f"the same noise down each column)")
+
+    def write_end_pictures(self, model: nn.Module, run_dir: Path) -> list[str]:
+        """noising.png and, for a conditional run, guidance_sweep.png in the run folder; the
+        names written."""
+        names = [NOISING_PICTURE]
+        self.write_noising_strip(Path(run_dir) / NOISING_PICTURE)
+        if self.conditioning != "none":
+            self.write_guidance_sweep(model, Path(run_dir) / SWEEP_PICTURE)
+            names.append(SWEEP_PICTURE)
+        return names
+
     # -- metrics -------------------------------------------------------------------------------
     @torch.no_grad()
     def sample_quality(
@@ -429,6 +505,9 @@ class DiffusionTask(Task):
 
     def final_metrics(self, model: nn.Module, run_dir: Path | None, history: list[dict]) -> Evaluation:
         cfg = self.config.data
+        if run_dir is not None and cfg.grid_rows > 0:  # pictures for the run folder (seconds on a CPU)
+            model.eval()
+            self.write_end_pictures(model, Path(run_dir))
         if cfg.eval_samples <= 0:
             return Evaluation({})
         model.eval()

@@ -420,6 +420,13 @@ class ImageClassificationTask(Task):
         from PIL import Image, UnidentifiedImageError
         import numpy as np
 
+        from duboko.io import check_image_pixels
+
+        # The header is read first and a picture far larger than the model's input is refused
+        # before it is decoded (a few hundred bytes of PNG can claim ~89 M pixels, just under PIL's
+        # own bomb limit, and its decoder then needs hundreds of MB). The same cap as `predict`'s.
+        config = getattr(self, "config", None)  # None: a bare reader (the fuzz tests), at MNIST's 28 pixels
+        check_image_pixels(path, int(getattr(config.data, "image_size", 28)) if config is not None else 28)
         try:
             with Image.open(path) as img:
                 img.load()

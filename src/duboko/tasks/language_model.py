@@ -101,6 +101,9 @@ class LanguageModelTask(Task):
     # The model's vocab_size is the tokenizer's: `--set vocab_size=N` means data.vocab_size (the
     # tokenizer's target size), never the model field.
     derived_model_fields = {"vocab_size": "data.vocab_size (the tokenizer's size: data.tokenizer, data.path)"}
+    # A run started from another (train.init_from) keeps that run's tokenizer, the one its
+    # embeddings index: `setup(source)` loads it, and resolve takes these fields from its config.
+    init_from_data_fields = ("tokenizer", "vocab_size")
 
     def __init__(self, config: Any, device: torch.device, rank: int = 0, world_size: int = 1):
         super().__init__(config, device, rank, world_size)
@@ -133,10 +136,10 @@ class LanguageModelTask(Task):
             raise DubokoError(f"data.sample_temperature must be a finite number >= 0, got {d.sample_temperature!r}")
         block = config.model.get("block_size")
         if block is not None and d.seq_len > int(block):
-            raise DubokoError(
-                f"data.seq_len={d.seq_len} is longer than the model's context model.block_size={block}; "
-                f"lower data.seq_len or raise model.block_size to {d.seq_len}"
-            )
+            fix = (f"lower data.seq_len to {block} at most (the model comes from train.init_from "
+                   f"{config.train.init_from!r})" if getattr(config.train, "init_from", "")
+                   else f"lower data.seq_len or raise model.block_size to {d.seq_len}")
+            raise DubokoError(f"data.seq_len={d.seq_len} is longer than the model's context model.block_size={block}; {fix}")
 
     # -- data ----------------------------------------------------------------------------------
     @property
@@ -144,6 +147,9 @@ class LanguageModelTask(Task):
         return self.config.data
 
     def setup(self, run_dir: Path | None = None) -> None:
+        """`run_dir`: the run being resumed or loaded, or the run a new one starts from
+        (train.init_from, e.g. an imported GPT-2): its tokenizer.json is the tokenizer, and the
+        corpus (data.path, data.data_dir) is encoded with it instead of training a new one."""
         saved = Path(run_dir) / TOKENIZER_FILE if run_dir is not None else None
         if saved is not None and saved.exists():
             # An existing run: its tokenizer fixes the vocabulary; the corpus is read only when
@@ -195,7 +201,8 @@ class LanguageModelTask(Task):
             raise DubokoError(
                 f"the token folder {d.data_dir} was made with another tokenizer than this run's "
                 f"({folder.tokenizer.kind}, {folder.tokenizer.vocab_size} tokens vs {self.tokenizer.kind}, "
-                f"{self.tokenizer.vocab_size}); resume with the same token folder"
+                f"{self.tokenizer.vocab_size}, from its run folder or train.init_from); resume with the same "
+                "token folder, or pass the text itself as data.path"
             )
         self.token_folder = folder.path
         self.train_ids, self.val_ids = folder.train, folder.val

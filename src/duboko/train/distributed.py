@@ -247,3 +247,25 @@ def _name_to_index(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
     by_id = {id(p): name for name, p in model.named_parameters()}
     params = [p for group in optimizer.param_groups for p in group["params"]]
     return {by_id[id(p)]: i for i, p in enumerate(params)}
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` (a whole tensor read from a checkpoint) as this rank's piece of `like`: its FSDP
+    shard when `like` is one, else `full` (public name of `_shard_like`, for streamed loads)."""
+    return _shard_like(full, like)
+
+
+@torch.no_grad()
+def gather_into(plain: torch.nn.Module | None, model: torch.nn.Module) -> None:
+    """Copy a sharded model's weights into `plain` (an unsharded copy, on the main rank; None
+    elsewhere) one tensor at a time: each FSDP shard is all-gathered (a collective: every rank
+    calls this) and copied, so the main rank holds `plain` plus one whole tensor, not a second
+    whole state dict as `full_model_state` + `load_state_dict` would."""
+    target = plain.state_dict() if plain is not None else None
+    for name, tensor in model.state_dict().items():  # the same order on every rank
+        whole = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+        if target is not None:
+            if name not in target:
+                raise KeyError(f"{name} is not in the unsharded model")
+            target[name].copy_(whole)
+        del whole

@@ -357,8 +357,20 @@ class Trainer:
         # Same seed on every rank for the model's initial weights (DDP also broadcasts rank 0's).
         seed_everything(tcfg.seed)
         self.task: Task = task_cls(task_cfg, self.device, self.dist.rank, self.dist.world_size)
-        self.task.setup(out if resume else None)
+        # Fine-tuning (train.init_from): a new run sets its task up from the source run's assets
+        # (its tokenizer, class names, scalers: what its weights were trained with) and starts
+        # from its weights; a resumed one has its own assets and weights (the source is not read).
+        init_dir = Path(tcfg.init_from) if tcfg.init_from and not resume else None
+        if init_dir is not None:
+            from duboko.train.run import load_init_weights, verify_init_source
+
+            digest = verify_init_source(init_dir, cfg)  # before anything in it is parsed
+        self.task.setup(out if resume else init_dir)
         model = self.task.build_model().to(self.device)
+        if init_dir is not None:
+            # Before channels-last, sharding, EMA (a copy of these weights) and the optimizer.
+            load_init_weights(init_dir, model)
+            self._show(f"Starting from the weights of {init_dir} (manifest sha256 {digest[:12]}…)")
         if tcfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.parameters = sum(p.numel() for p in model.parameters())
@@ -414,27 +426,45 @@ class Trainer:
         the position in the data (epoch, global samples), so training continues bit-exactly on the
         same number of ranks, and to float tolerance on another (elastic: the state holds whole
         tensors, which each rank of an FSDP run shards again; the position counts global
-        samples, which any world size splits the same way)."""
+        samples, which any world size splits the same way). Either layout: one state.safetensors,
+        or its head and shards, read one tensor at a time (each rank keeps only its piece)."""
         tcfg, out = self.cfg.train, self.out
-        tensors, meta = ckpt.load_state(out, self.device)
-        try:
-            D.load_full_model_state(self.model, ckpt.sub_state(tensors, "model"))
-        except (RuntimeError, KeyError, ValueError) as exc:
-            raise DubokoError(f"{out / ckpt.STATE_FILE} does not fit model {self.cfg.model['name']!r}: "
-                              f"{str(exc).splitlines()[0]}") from exc
-        optim_state = ckpt.optimizer_state_from_flat(
-            self.optimizer, {k: v.to(self.device) for k, v in tensors.items() if k.startswith("optim/")}, meta["optimizer"])
-        D.load_full_optimizer_state(self.model, self.optimizer, optim_state)
-        if self.ema is not None and any(k.startswith("ema/") for k in tensors):
-            self.ema.module.load_state_dict(ckpt.sub_state(tensors, "ema"))
+        with ckpt.SavedState(out) as saved:
+            meta = saved.meta
+            names = set(saved.names())
+            own = self.model.state_dict()
+            wanted = {f"model/{k}" for k in own}
+            missing, extra = sorted(wanted - names), sorted(n for n in names - wanted if n.startswith("model/"))
+            if missing or extra:
+                detail = (f"missing {', '.join(m[6:] for m in missing[:3])}" if missing else "") + (
+                    ("; " if missing else "") + f"unexpected {', '.join(e[6:] for e in extra[:3])}" if extra else "")
+                raise DubokoError(f"{out / ckpt.STATE_FILE} does not fit model {self.cfg.model['name']!r}: {detail}")
+            try:
+                # Each whole tensor is read, cut to this rank's shard and dropped (FSDP), or kept whole.
+                self.model.load_state_dict({k: D.shard_like(saved.get(f"model/{k}").to(self.device), own[k]) for k in own})
+            except (RuntimeError, KeyError, ValueError) as exc:
+                raise DubokoError(f"{out / ckpt.STATE_FILE} does not fit model {self.cfg.model['name']!r}: "
+                                  f"{str(exc).splitlines()[0]}") from exc
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+
+            def optim_value(name: str) -> torch.Tensor:
+                value = saved.get(name).to(self.device)
+                idx = int(name.split("/")[1])
+                return D.shard_like(value, params[idx]) if idx < len(params) and value.dim() > 0 else value
+
+            optim = {n: optim_value(n) for n in sorted(names) if n.startswith("optim/")}
+            self.optimizer.load_state_dict(ckpt.optimizer_state_from_flat(self.optimizer, optim, meta["optimizer"]))
+            if self.ema is not None and any(n.startswith("ema/") for n in names):
+                self.ema.module.load_state_dict({n[4:]: saved.get(n) for n in names if n.startswith("ema/")})
+            rng = saved.rng
         rng_key = f"rng/{self.dist.rank}"
-        if rng_key in tensors:
-            torch.set_rng_state(tensors[rng_key])
+        if rng_key in rng:
+            torch.set_rng_state(rng[rng_key])
         else:  # saved on fewer ranks: this rank starts a fresh stream of its own
             seed_everything(derive_seed(tcfg.seed, self.dist.rank))
         ckpt.set_py_rng_state(meta["py_rng"])
-        if "rng_cuda/0" in tensors and self.device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng_cuda/0"])
+        if "rng_cuda/0" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["rng_cuda/0"])
         self.state = TrainState.from_meta(meta)
         st = self.state
         if "samples" in meta:
@@ -650,7 +680,8 @@ class Trainer:
             st.epoch, st.batch, st.sums, st.grad_sums, st.epoch_seconds = epoch + 1, 0, {}, {}, 0.0
         if self.out is not None and self.is_main:
             write_history(self.out, st.history)
-            save_weights(self.out, plain, self.cfg)
+            if ckpt.trainer_layout(self) == "full":  # sharded: `save` writes the weights' shards
+                save_weights(self.out, plain, self.cfg)
         self.save(finished_epoch=not partial)
         return row
 
@@ -658,16 +689,17 @@ class Trainer:
         """The evaluated weights as a plain module for the main rank's own work (samples,
         model.safetensors, reports). Under FSDP the shards are gathered (every rank must call
         this) into an unsharded copy on rank 0 (None elsewhere); otherwise `eval_model()`."""
+        ckpt.trainer_layout(self)  # decided before run_epoch writes (or, sharded, skips) model.safetensors
         if not self.sharded:
             return self.eval_model()
-        state = D.full_model_state(self.model)
+        if self.is_main and self._plain is None:
+            with torch.random.fork_rng(devices=[]):  # building it must not move the training RNG
+                self._plain = self.task.build_model().to(self.device)
+        # One tensor at a time into the copy: rank 0 holds the copy plus one whole tensor.
+        D.gather_into(self._plain if self.is_main else None, self.model)
         if not self.is_main:
             return None
-        if self._plain is None:
-            with torch.random.fork_rng(devices=[]):  # building it must not move the training RNG
-                self._plain = self.task.build_model()
-        self._plain.load_state_dict(state)
-        return self._plain.to(self.device).eval()
+        return self._plain.eval()
 
     def evaluate(self, split: str = "val") -> dict[str, float]:
         """The task's metrics on "val" or "test" with the evaluated weights (EMA when on)."""
@@ -678,10 +710,13 @@ class Trainer:
         return metrics
 
     def save(self, finished_epoch: bool = False) -> None:
-        """Write the training state (one atomic file) and the manifest; no-op without a run folder.
-        Inside an epoch the running sums (all ranks' totals) are saved with it, so a resume, on
-        any number of ranks, continues the epoch. Every rank calls it (it gathers RNG states, the
-        sums and, under FSDP, the shards); rank 0 writes."""
+        """Write the training state and the manifest; no-op without a run folder. Inside an epoch
+        the running sums (all ranks' totals) are saved with it, so a resume, on any number of
+        ranks, continues the epoch. Every rank calls it (it gathers RNG states, the sums and the
+        weights). The layout (`train.checkpoint_layout`, see `duboko.train.checkpoint`): "full"
+        gathers everything to rank 0, which writes one state.safetensors; "sharded" has each rank
+        write the whole tensors it owns (state shards, and at epoch ends the weights'
+        model-0000k-of-0000N.safetensors + model.safetensors.index.json), then rank 0 the head."""
         if not finished_epoch and self._epoch_sums:
             totals = D.all_reduce_sum(self._epoch_sums, self.dist)
             self.state.sums = {k: v.item() for k, v in totals.items()}
@@ -689,17 +724,31 @@ class Trainer:
         rank_rng = D.gather_rng(torch.get_rng_state(), self.dist)
         if self.out is None:
             return
-        model_state = D.full_model_state(self.model)  # collectives under FSDP
-        optim_state = D.full_optimizer_state(self.model, self.optimizer)
-        if not self.is_main:
-            return
         meta = asdict(self.state)
         meta["batch"] = 0 if finished_epoch else self.state.batch
         meta["samples"] = meta["batch"] * self.micro_batch_size
         meta.update(strategy=self.cfg.train.strategy, micro_batch_size=self.micro_batch_size, grad_accum_steps=self.accum)
-        ckpt.save_state(self.out, model=model_state, optimizer=optim_state, ema=self.ema.module if self.ema else None,
-                        meta=meta, rank_rng=rank_rng)
-        write_manifest(self.out, self.assets)
+        layout = ckpt.trainer_layout(self)
+        if layout == "sharded":
+            # Every rank writes its shards; the weights' at epoch ends (where model.safetensors is due).
+            ckpt.save_sharded(self.out, self.dist, model=self.model, optimizer=self.optimizer,
+                              ema=self.ema.module if self.ema else None, meta=meta, rank_rng=rank_rng,
+                              weights=self.eval_model() if finished_epoch or self.finished else None,
+                              model_config=self.cfg.model)
+        else:
+            model_state = D.full_model_state(self.model)  # collectives under FSDP
+            optim_state = D.full_optimizer_state(self.model, self.optimizer)
+            if self.is_main:
+                ckpt.save_state(self.out, model=model_state, optimizer=optim_state,
+                                ema=self.ema.module if self.ema else None, meta=meta, rank_rng=rank_rng)
+                ckpt.remove_sharded_leftovers(self.out)
+        if self.is_main:
+            # The sharded layout's files are assets too, so that any later
+            # `write_manifest(out, self.assets)` (finish) still lists them.
+            self.assets = [a for a in self.assets if not ckpt.is_layout_file(a)] + ckpt.layout_files(self.out)
+            write_manifest(self.out, self.assets)
+        if layout == "sharded":
+            D.barrier(self.dist)  # no rank runs ahead of the head and manifest (a resume reads them)
 
     def fit(self) -> dict[str, Any]:
         """Train to the end (train.epochs or train.max_steps); returns the final metrics, which

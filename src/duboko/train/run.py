@@ -18,7 +18,6 @@ from duboko.errors import DubokoError
 from duboko.io import (
     atomic_write_json,
     atomic_write_text,
-    load_tensors,
     read_csv_rows,
     read_json,
     save_tensors,
@@ -55,7 +54,10 @@ def write_manifest(run_dir: Path, assets: list[str] | tuple[str, ...] = ()) -> N
     """SHA-256 of the run's core files and of the task's assets (tokenizers, scalers), and the
     core files this run has (`required`): a finished run's metrics.json stays required, so that
     deleting it together with its hash is caught as well."""
-    names = list(CHECKED) + [a for a in assets if a not in CHECKED]
+    from duboko.train import checkpoint as ckpt
+
+    # The sharded layout's shards and index (duboko.train.checkpoint) are covered like the core files.
+    names = list(CHECKED) + ckpt.layout_files(run_dir) + [a for a in assets if a not in CHECKED]
     files = {name: sha256_file(run_dir / name) for name in names if (run_dir / name).exists()}
     required = [name for name in CHECKED if name in files]
     atomic_write_json(run_dir / MANIFEST, {"sha256": files, "required": required})
@@ -110,7 +112,10 @@ def verify_manifest(run_dir: Path, *, required: tuple[str, ...] = REQUIRED, kill
 
     def written_by_killed_run(name: str) -> bool:
         try:
-            return killed_run_ok and name in REWRITTEN and (run_dir / name).stat().st_mtime_ns > manifest_time
+            from duboko.train.checkpoint import is_layout_file
+
+            return (killed_run_ok and (name in REWRITTEN or is_layout_file(name))
+                    and (run_dir / name).stat().st_mtime_ns > manifest_time)
         except OSError:
             return False
 
@@ -191,12 +196,13 @@ def load_run(run_dir: str | Path, device: str = "auto", setup_task: bool = True,
     """Load a run folder for evaluation or inference: verified, safetensors only, never pickle.
     `data_dir` points the task at a moved data folder."""
     from duboko import registry
+    from duboko.train import checkpoint as ckpt
 
     run_dir = Path(run_dir)
     if verify:  # before config.json (or anything else) is parsed
         if not run_dir.is_dir():
             raise DubokoError(f"run folder {str(run_dir)!r} does not exist")
-        verify_manifest(run_dir)
+        verify_manifest(run_dir, required=(CONFIG, ckpt.weights_entry(run_dir)))
     cfg = load_config(run_dir, data_dir=data_dir)
     dev = pick_device(device)
     task = registry.get_task(cfg.task)(cfg, dev)
@@ -204,11 +210,11 @@ def load_run(run_dir: str | Path, device: str = "auto", setup_task: bool = True,
         task.setup(run_dir)
     model_cfg = dict(cfg.model)
     model = registry.build_model(model_cfg.pop("name"), model_cfg)
-    state = load_tensors(run_dir / WEIGHTS)
+    state = ckpt.load_weights(run_dir)  # model.safetensors, or the sharded layout's index + shards
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise DubokoError(f"{run_dir / WEIGHTS} does not fit model {cfg.model['name']!r}: {str(exc).splitlines()[0]}") from exc
+        raise DubokoError(f"{run_dir / ckpt.weights_entry(run_dir)} does not fit model {cfg.model['name']!r}: {str(exc).splitlines()[0]}") from exc
     model.to(dev).eval()
     return LoadedRun(cfg, task, model, dev, run_dir)
 
@@ -239,6 +245,64 @@ def verify_resumable(run_dir: str | Path) -> None:
     if not (run_dir / STATE_FILE).exists():
         raise DubokoError(f"cannot resume: {run_dir / STATE_FILE} does not exist")
     verify_manifest(run_dir, required=(CONFIG, STATE_FILE), killed_run_ok=True)
+
+
+def verify_init_source(source: str | Path, cfg: C.RunConfig | None = None) -> str:
+    """The checks before a run reads anything of its `train.init_from` run folder: the folder
+    exists and its manifest verifies (every file against its SHA-256, config.json and the
+    weights listed); with the run's `cfg`, also that it is a run of the same task and, when the
+    config recorded the manifest's hash, still that run. Returns the manifest's SHA-256."""
+    source = Path(source)
+    if not source.is_dir():
+        raise DubokoError(f"train.init_from: run folder {str(source)!r} does not exist")
+    try:
+        from duboko.train.checkpoint import weights_entry
+
+        verify_manifest(source, required=(CONFIG, weights_entry(source)))
+    except DubokoError as exc:
+        raise DubokoError(f"train.init_from: {exc}") from exc
+    digest = sha256_file(source / MANIFEST)
+    if cfg is None:
+        return digest
+    recorded = cfg.train.init_from_sha256
+    if recorded and recorded != digest:
+        raise DubokoError(
+            f"train.init_from: the manifest of {str(source)!r} hashes to {digest[:16]}…, not the {recorded[:16]}… "
+            "this config recorded: the source run changed since (resolve the recipe again to start from it as it is)"
+        )
+    raw = read_json(source / CONFIG)
+    task = raw.get("task") if isinstance(raw, dict) else None
+    if not C.same_task_family(task, cfg.task):
+        raise DubokoError(f"train.init_from {str(source)!r} is a {task!r} run; this run trains task {cfg.task!r}: "
+                          "a run starts only from the weights of a run of its own task family")
+    return digest
+
+
+def load_init_weights(source: str | Path, model: nn.Module) -> None:
+    """Copy the weights of the (verified) run folder `source` into `model`: safetensors only;
+    every tensor of the model must be there with its shape (the error names the tensor, the
+    expected and the received shape), and no other tensor may be."""
+    from duboko.train import checkpoint as ckpt
+
+    path = Path(source) / ckpt.weights_entry(source)
+    state = ckpt.load_weights(source)  # either layout
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DubokoError(f"train.init_from: {path} has no tensor {missing[0]!r}{more}, which the model needs")
+    extra = [k for k in state if k not in expected]
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise DubokoError(f"train.init_from: {path} holds tensor {extra[0]!r}{more}, which the model does not have")
+    for key, want in expected.items():
+        got = state[key]
+        if tuple(got.shape) != tuple(want.shape):
+            raise DubokoError(f"train.init_from: tensor {key!r} of {path} has shape {tuple(got.shape)}, "
+                              f"the model expects {tuple(want.shape)}")
+        if got.dtype.is_floating_point != want.dtype.is_floating_point:
+            raise DubokoError(f"train.init_from: tensor {key!r} of {path} is {got.dtype}, the model expects {want.dtype}")
+    model.load_state_dict(state)
 
 
 OVERWRITTEN_INFIX = ".overwritten-"  # `--overwrite` sets the old run aside in `.NAME.overwritten-PID`

@@ -7,7 +7,8 @@ restricted unpickler that builds tensors and plain containers and refuses any ot
 code runs). The output is a safetensors file that the rest of duboko can load.
 
 - `verify_run(run_dir)`: every file in manifest.json matches its SHA-256, and the weight and
-  state files are safetensors (never pickles).
+  state files are safetensors (never pickles); a sharded folder's index and state head name only
+  listed shards of the folder, each holding exactly the tensors mapped to it.
 - `load_run_of(run_dir, tasks)`: `load_run`, refusing a run of another task in one line.
 - `read_torch_file` / `extract_state_dict` / `import_weights`: a .pt file in, safetensors out.
 """
@@ -27,7 +28,7 @@ from duboko import registry
 from duboko.errors import DubokoError
 from duboko.io import looks_like_pickle, read_json, save_tensors, sha256_file
 from duboko.train.lock import RunLock
-from duboko.train.run import MANIFEST, LoadedRun, load_run, overwrite_leftovers, verify_manifest
+from duboko.train.run import CONFIG, MANIFEST, LoadedRun, load_run, overwrite_leftovers, verify_manifest
 
 # Keys under which training scripts commonly nest a state dict inside a checkpoint dict.
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
@@ -60,7 +61,10 @@ def verify_run(run_dir: str | Path) -> dict[str, Any]:
             RunLock.acquire(run_dir, command="duboko verify (settling an interrupted --overwrite)").release()
         except DubokoError:
             pass
-    verify_manifest(run_dir)
+    from duboko.train import checkpoint as ckpt
+
+    # A sharded folder's load reads the weights' index (and the shards it names) instead.
+    verify_manifest(run_dir, required=(CONFIG, ckpt.weights_entry(run_dir)))
     listed = read_json(run_dir / MANIFEST).get("sha256", {})
     if not isinstance(listed, dict) or not listed:
         raise DubokoError(f"{run_dir / MANIFEST} lists no files")
@@ -76,7 +80,34 @@ def verify_run(run_dir: str | Path) -> dict[str, Any]:
                     f.keys()
             except Exception as exc:  # safetensors raises several types for bad data
                 raise DubokoError(f"{path} is not a valid safetensors file ({_one_line(exc)})") from exc
+    check_sharded_layout(run_dir, listed)
     return {"run": str(run_dir), "ok": True, "files": sorted(listed)}
+
+
+def check_sharded_layout(run_dir: Path, listed: dict[str, str]) -> None:
+    """The sharded layout (see duboko.train.checkpoint), after the manifest check: the weights'
+    index and the state's head name only shard files of this folder that the manifest lists,
+    and every shard holds exactly the tensors they map to it (the state's also its digests)."""
+    from duboko.train import checkpoint as ckpt
+
+    listed_names = set(listed)
+    if ckpt.WEIGHTS_INDEX in listed_names:
+        if ckpt.WEIGHTS_FILE in listed_names:
+            raise DubokoError(f"{run_dir} lists both {ckpt.WEIGHTS_FILE} and {ckpt.WEIGHTS_INDEX}; one of them is stale")
+        weight_map, _ = ckpt.read_weights_index(run_dir)
+        _check_listed(run_dir, ckpt.WEIGHTS_INDEX, set(weight_map.values()), listed_names)
+        ckpt.ShardReader(run_dir, weight_map, run_dir / ckpt.WEIGHTS_INDEX).close()
+    if ckpt.STATE_FILE in listed_names:
+        with ckpt.SavedState(run_dir) as saved:
+            if saved.meta.get("layout") == "sharded":
+                _check_listed(run_dir, ckpt.STATE_FILE, set(saved.meta["shards"]["files"]), listed_names)
+
+
+def _check_listed(run_dir: Path, by: str, files: set[str], listed: set[str]) -> None:
+    unlisted = sorted(files - listed)
+    if unlisted:
+        raise DubokoError(f"{run_dir / by} names {', '.join(unlisted[:3])}, not listed in {MANIFEST} "
+                          "(the folder was changed after the run wrote it)")
 
 
 def load_run_of(run_dir: str | Path, tasks: tuple[str, ...], device: str = "auto") -> LoadedRun:
