@@ -216,13 +216,7 @@ def test_unet_denoiser_step_export_parity(tmp_path):
             "train.batch_size=16", "train.num_threads=1", "train.report=false"]
     run = tmp_path / "ddpm"
     fit(C.resolve("mnist-diffusion-class", tiny), run, quiet=True)
-    loaded = load_run(run, device="cpu", setup_task=False)
-    E.setup_for_export(loaded)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in loaded.model.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    report = E.export_loaded(loaded, tmp_path / "unet.onnx")
+    loaded, report = _export_perturbed(run, tmp_path / "unet.onnx")
     print(f"ONNX parity unet-denoiser: max abs error {report.max_abs_error:.2e} over {len(report.checks)} checks")
     assert report.max_abs_error <= E.DEFAULT_TOLERANCE
     assert {c["inputs"] for c in report.checks} == {"random", "real"}
@@ -264,6 +258,18 @@ def _assert_parity_grid(checks: list[dict], graph: str) -> float:
     worst = max(c["max_abs_error"] for c in rows)
     assert worst <= E.DEFAULT_TOLERANCE
     return worst
+
+
+def _export_perturbed(run: Path, out: Path):
+    """Load a tiny trained run, perturb its weights (a tiny run still has its zero-initialised
+    output convolution, which would make parity trivial) and export it; (loaded, report)."""
+    loaded = load_run(run, device="cpu", setup_task=False)
+    E.setup_for_export(loaded)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in loaded.model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return loaded, E.export_loaded(loaded, out)
 
 
 def test_graph_path_naming():
@@ -383,13 +389,7 @@ def test_text_to_image_export_parity_and_an_onnx_only_ddim_run(tmp_path):
 
     run = tmp_path / "t2i"
     fit(C.resolve("mnist-text2img", TEXT2IMG), run, quiet=True)
-    loaded = load_run(run, device="cpu", setup_task=False)
-    E.setup_for_export(loaded)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in loaded.model.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    report = E.export_loaded(loaded, tmp_path / "t2i.onnx")
+    loaded, report = _export_perturbed(run, tmp_path / "t2i.onnx")
     enc_path, den_path = tmp_path / "t2i.text_encoder.onnx", tmp_path / "t2i.denoiser.onnx"
     assert [f.path for f in report.files] == [enc_path, den_path]
     for graph in ("text_encoder", "denoiser"):

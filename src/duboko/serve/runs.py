@@ -123,31 +123,34 @@ class Slot:
         with self.load_lock:
             return self.run._load()
 
-    def acquire(self, timeout: float) -> None:
-        """Wait for this run's model (one generation at a time); a full queue or a wait past
-        `timeout` seconds is a 503 with the reason."""
+    def _join_queue(self) -> None:
+        """Count one more waiting request, or refuse it (503) when the queue is full."""
         with self.guard:
             if self.waiting >= self.max_waiting:
                 raise ServeError(503, f"this model is busy: {self.waiting} requests already wait (at most "
                                       f"{self.max_waiting}); try again shortly")
             self.waiting += 1
+
+    def _leave_queue(self) -> None:
+        with self.guard:
+            self.waiting -= 1
+
+    def acquire(self, timeout: float) -> None:
+        """Wait for this run's model (one generation at a time); a full queue or a wait past
+        `timeout` seconds is a 503 with the reason."""
+        self._join_queue()
         try:
             if not self.lock.acquire(timeout=timeout):
                 raise ServeError(503, f"this model was busy for {timeout:g} s; try again shortly")
         finally:
-            with self.guard:
-                self.waiting -= 1
+            self._leave_queue()
 
     async def acquire_async(self, timeout: float) -> None:
         """`acquire` without holding a worker thread while waiting (the event loop polls the
         lock), so that requests queued for busy models never starve the thread pool."""
         import asyncio
 
-        with self.guard:
-            if self.waiting >= self.max_waiting:
-                raise ServeError(503, f"this model is busy: {self.waiting} requests already wait (at most "
-                                      f"{self.max_waiting}); try again shortly")
-            self.waiting += 1
+        self._join_queue()
         try:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout
@@ -156,8 +159,7 @@ class Slot:
                     raise ServeError(503, f"this model was busy for {timeout:g} s; try again shortly")
                 await asyncio.sleep(0.01)
         finally:
-            with self.guard:
-                self.waiting -= 1
+            self._leave_queue()
 
     def release(self) -> None:
         self.lock.release()
