@@ -66,6 +66,38 @@ def test_prompt_dropout_and_conditions():
         task.condition_for(prompts=["a seven"])
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_match_hand_computation_and_weight_the_training_loss(prediction_type):
+    from duboko.models.unet import UNet, UNetConfig
+    from duboko.tasks.diffusion import DiffusionTask
+
+    task = DiffusionTask(_tiny("mnist-diffusion", [f"data.prediction_type={prediction_type}", "data.min_snr_gamma=5"]),
+                         torch.device("cpu"))
+    task.setup()
+    t = torch.tensor([0, 10, 300, 600, 999])
+    a = task.scheduler.alphas_cumprod[t].double()
+    snr = a / (1 - a)
+    # Hang et al. 2023, eq. 9: min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v.
+    expected = torch.minimum(snr, torch.full_like(snr, 5.0)) / (snr if prediction_type == "epsilon" else snr + 1)
+    torch.testing.assert_close(task.min_snr_weights(t).double(), expected, rtol=1e-5, atol=1e-7)
+    if prediction_type == "epsilon":
+        assert task.min_snr_weights(torch.tensor([999])).item() == pytest.approx(1.0)  # SNR < γ: unweighted
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(base_channels=8, channel_mults=[1, 2], groups=4, num_heads=2, attention_resolutions=[7]))
+    torch.nn.init.normal_(model.conv_out.weight, std=0.1)  # a non-zero output, so the losses differ per sample
+    x0 = torch.rand(5, 1, 28, 28) * 2 - 1
+    batch = {"x0": x0, "noise": torch.randn_like(x0), "t": t, "cond": None}
+    plain = task.loss(model, batch)
+    per_sample = torch.stack([task.loss(model, {k: (v[i : i + 1] if v is not None else None) for k, v in batch.items()})
+                              for i in range(5)])
+    torch.testing.assert_close(plain, per_sample.mean())  # the validation loss stays the plain MSE
+    weighted = task.loss(model, batch, weighted=True)
+    torch.testing.assert_close(weighted, (per_sample * task.min_snr_weights(t)).mean(), rtol=1e-5, atol=1e-7)
+    assert task.training_step(model, batch).loss.item() == pytest.approx(weighted.item())
+    with pytest.raises(DubokoError, match="data.min_snr_gamma must be a finite number >= 0"):
+        _tiny("mnist-diffusion", ["data.min_snr_gamma=-1.0"])
+
+
 def test_task_contract_assets_metrics_and_no_files_without_a_run_folder(tmp_path):
     from duboko.tasks import Evaluation
     from duboko.tasks.diffusion import PROMPT_FILE, DiffusionTask

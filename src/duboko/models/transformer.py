@@ -86,13 +86,38 @@ class DecodeBuffer:
 
     Positions below `filled` are never written again, so the views of earlier states stay valid;
     a step from a state whose offset is not `filled` (a second continuation of the same state)
-    copies that state into a new buffer instead of overwriting the other branch's next position."""
+    copies that state into a new buffer instead of overwriting the other branch's next position.
 
-    def __init__(self, kv: torch.Tensor, tokens: torch.Tensor, plan: list[tuple], filled: int):
+    The per-layer views the step needs every token are made here once: at batch 1 a multi-index
+    like kv[:, 0, :, :, :p] costs 3-6 µs, as much as one of the tiny matmuls."""
+
+    def __init__(self, kv: torch.Tensor, tokens: torch.Tensor, plan: DecodePlan, filled: int):
         self.kv = kv  # (L, 2, B, H, block_size, Dh): keys [:, 0] and values [:, 1]
         self.tokens = tokens  # (B, block_size) long
         self.plan = plan  # the model's fused-step tensors (GPT._decode_plan), checked when the buffer was made
         self.filled = filled  # positions written
+        n_layer, _, b, h, _, dh = kv.shape
+        self.layer_kv = list(kv.unbind(0))  # per layer (2, B, H, block_size, Dh)
+        self.keys = [t[0] for t in self.layer_kv]  # per layer (B, H, block_size, Dh)
+        self.values = [t[1] for t in self.layer_kv]
+        # The QKV projection's output, written by F.linear(out=) and read through fixed views (one
+        # buffer for all layers: each layer's q is consumed, and its k, v copied, before the next).
+        self.qkv = torch.empty(b, 3 * h * dh, dtype=plan.layers[0][1].dtype, device=kv.device)  # (B, 3D)
+        split = self.qkv.view(b, 3, h, dh)
+        self.q = split[:, 0, :, None]  # (B, H, 1, Dh): the query of the one new position
+        self.new_kv = split[:, 1:].transpose(0, 1)  # (2, B, H, Dh): its key and value
+
+
+@dataclass
+class DecodePlan:
+    """The tensors the fused step reads, gathered from the modules once per `DecodeBuffer`."""
+
+    layers: list[tuple]  # per layer: ln1 (shape, weight, bias, eps), W_qkv (3D, D), b_qkv, W_out, b_out, ln2, W1, b1, W2, b2, GELU approximation
+    tok_emb: torch.Tensor  # (vocab, D)
+    pos: torch.Tensor | None  # (block_size, D) learned or sinusoidal positions, None for none
+    norm: tuple  # the final LayerNorm's (shape, weight, bias, eps)
+    head: torch.Tensor  # (vocab, D) the output head (no bias)
+    attention: list[nn.Module]  # the blocks' attention modules, whose record_weights sends a step to the general path
 
 
 @dataclass
@@ -213,36 +238,58 @@ class GPT(nn.Module):
     def _fast_decode_ok(self) -> bool:
         """The fused step covers inference (eval mode, no autograd: the stacked weights are copies)
         with additive positions (learned / sinusoidal / none) and no recorded attention weights;
-        anything else takes the general path."""
+        anything else takes the general path. Runs every token: the attention modules come from the
+        list `_decode_plan` keeps (refreshed per `DecodeBuffer`), not from module attribute lookups."""
         if self.training or torch.is_grad_enabled() or self.config.positional == "rotary":
             return False
-        return not any(layer.self_attn.record_weights for layer in self.decoder.layers)
+        attention = self.__dict__.get("_plan_attention")
+        if attention is None:
+            attention = [layer.self_attn for layer in self.decoder.layers]
+        return not any(a.record_weights for a in attention)
 
-    def _decode_plan(self) -> list[tuple]:
-        """Per layer the tensors of the fused step, W^Q, W^K, W^V stacked to (3·D, D), then the
-        final LayerNorm's and the head's: read straight from the modules' parameter dicts (module
-        attribute lookups cost more than the tiny matmuls here). Rebuilt when a weight changes:
-        the key holds each tensor's identity, address and in-place version counter. Checking the
-        key costs ~40 µs, so it is checked once per `DecodeBuffer` (per generation), not per token."""
-        layers = self.decoder.layers
-        modules = getattr(self, "_plan_modules", None)
-        if modules is None or len(modules) != len(layers):
+    def _decode_plan(self) -> DecodePlan:
+        """The tensors of the fused step: per layer W^Q, W^K, W^V stacked to (3·D, D), then the
+        embeddings', the final LayerNorm's and the head's, read straight from the modules' parameter
+        dicts (module attribute lookups cost more than the tiny matmuls here). Rebuilt when a module
+        or a weight changes: the key holds each layer module's identity and each tensor's identity,
+        address and in-place version counter. Checking the key costs ~40 µs, so it is checked once
+        per `DecodeBuffer` (per generation), not per token."""
+        layers = list(self.decoder.layers)
+        pos = self.decoder.positional
+        cached_modules = self.__dict__.get("_plan_modules")
+        if cached_modules is None or cached_modules[0] != [id(l) for l in layers]:
             modules = [(l.ln1, l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj, l.self_attn.out_proj, l.ln2,
                         l.mlp.fc1, l.mlp.fc2, "tanh" if isinstance(l.mlp, TanhGELUMLP) else "none") for l in layers]
-            object.__setattr__(self, "_plan_modules", modules)  # plain attributes: not buffers, never saved
-        key = tuple((id(t), t.data_ptr(), t._version) for mods in modules for m in mods[:-1]
-                    for t in m._parameters.values() if t is not None)
-        cached = getattr(self, "_plan_cache", None)
+            cached_modules = ([id(l) for l in layers], modules)
+            object.__setattr__(self, "_plan_modules", cached_modules)  # plain attributes: not buffers, never saved
+            object.__setattr__(self, "_plan_attention", [l.self_attn for l in layers])
+        modules = cached_modules[1]
+        if isinstance(pos, LearnedPositionalEncoding):
+            pos_table = pos.embedding.weight  # (block_size, D)
+        elif pos is not None:
+            pos_table = pos.pe  # the sinusoidal table, a buffer
+        else:
+            pos_table = None
+        norm = self.decoder.norm
+        tensors = [t for mods in modules for m in mods[:-1] for t in m._parameters.values() if t is not None]
+        tensors += [self.tok_emb.weight, self.lm_head.weight, norm.weight, norm.bias]
+        if pos_table is not None:
+            tensors.append(pos_table)
+        key = tuple((id(t), t.data_ptr(), t._version) for t in tensors if t is not None)
+        cached = self.__dict__.get("_plan_cache")
         if cached is not None and cached[0] == key:
             return cached[1]
-        plan = []
+        layer_plans = []
         with torch.no_grad():
             for ln1, q, k, v, out, ln2, fc1, fc2, approximate in modules:
                 w_qkv = torch.cat((q.weight, k.weight, v.weight), dim=0)  # (3D, D)
                 b_qkv = torch.cat((q.bias, k.bias, v.bias)) if q.bias is not None else None
-                plan.append((ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps, w_qkv, b_qkv, out.weight, out.bias,
-                             ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps, fc1.weight, fc1.bias, fc2.weight,
-                             fc2.bias, approximate))
+                layer_plans.append(((ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps), w_qkv, b_qkv, out.weight,
+                                    out.bias, (ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps), fc1.weight, fc1.bias,
+                                    fc2.weight, fc2.bias, approximate))
+        plan = DecodePlan(layer_plans, self.tok_emb.weight, pos_table,
+                          (norm.normalized_shape, norm.weight, norm.bias, norm.eps), self.lm_head.weight,
+                          self.__dict__["_plan_attention"])
         object.__setattr__(self, "_plan_cache", (key, plan))
         return plan
 
@@ -264,36 +311,46 @@ class GPT(nn.Module):
         return DecodeBuffer(kv, tokens, self._decode_plan(), p)
 
     def _decode_one(self, idx: torch.Tensor, state: KVCache) -> tuple[torch.Tensor, KVCache]:
-        """idx (B, 1), the cache of P < block_size positions -> logits (B, 1, vocab), new cache."""
-        c, dec = self.config, self.decoder
-        b, p = idx.shape[0], state.offset
-        h, dh, d = c.n_head, c.n_embd // c.n_head, c.n_embd
+        """idx (B, 1), the cache of P < block_size positions -> logits (B, 1, vocab), new cache.
+
+        The same ops as the general path, one per line of the block maths, each kept bit-for-bit
+        (F.linear, not addmm on pre-transposed weights: MKL's kernel for a contiguous (D, 3D) matrix
+        sums in another order; in-place adds into the residual, which this step owns). Everything
+        else is gone: no module calls, views made once per buffer, the QKV output in a reused buffer."""
         buf = self._decode_buffer(state)
+        plan = buf.plan
+        p = state.offset
+        n = p + 1
+        b = idx.shape[0]
         # Token embedding plus the position's encoding; eval mode, so the embedding dropout is the
         # identity (the general path's embed_positions, without its module calls).
-        x = F.embedding(idx[:, 0], self.tok_emb.weight)  # (B, D)
-        pos = dec.positional
-        if isinstance(pos, LearnedPositionalEncoding):
-            x = x + pos.embedding.weight[p]
-        elif pos is not None:  # sinusoidal: the fixed table
-            x = x + pos.pe[p].to(x.dtype)
-        slot = buf.kv[:, :, :, :, p]  # (L, 2, B, H, Dh): where this token's keys and values go
-        keys = buf.kv[:, 0, :, :, : p + 1]  # (L, B, H, P+1, Dh) views, for the attention and the new state
-        values = buf.kv[:, 1, :, :, : p + 1]
-        for i, (shape1, g1, b1, eps1, w_qkv, b_qkv, w_out, b_out, shape2, g2, b2, eps2, w1, bias1, w2, bias2,
-                approximate) in enumerate(buf.plan):
-            qkv = F.linear(F.layer_norm(x, shape1, g1, b1, eps1), w_qkv, b_qkv).view(b, 3, h, dh)  # x + Attn(LN1(x)) ...
-            slot[i].copy_(qkv[:, 1:].transpose(0, 1))  # k and v at position P, one copy (casts to the cache dtype)
-            a = F.scaled_dot_product_attention(qkv[:, 0, :, None], keys[i], values[i])  # one query, every key: no mask
-            x = x + F.linear(a.reshape(b, d), w_out, b_out)  # (B, H, 1, Dh) is (B, D) in memory: T = 1
-            y = F.gelu(F.linear(F.layer_norm(x, shape2, g2, b2, eps2), w1, bias1), approximate=approximate)  # (B, 4D)
-            x = x + F.linear(y, w2, bias2)  # ... then x + MLP(LN2(x))
-        norm = dec.norm
-        x = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-        logits = F.linear(x, self.lm_head.weight)[:, None]  # (B, 1, vocab); the head has no bias
-        buf.tokens[:, p] = idx[:, 0]
-        buf.filled = p + 1
-        return logits, KVCache(list(zip(keys.unbind(0), values.unbind(0))), p + 1, buf.tokens[:, : p + 1], buf)
+        x = torch.embedding(plan.tok_emb, idx[:, 0])  # (B, D), a new tensor: the residual stream, updated in place
+        if plan.pos is not None:
+            x.add_(plan.pos[p].to(x.dtype))
+        # Under autocast F.linear(out=) is refused (and the dtype of its output differs): per-token views then.
+        fixed = not torch.is_autocast_enabled(x.device.type)
+        keys, values, layer_kv = buf.keys, buf.values, buf.layer_kv
+        layers = []
+        for i, (ln1, w_qkv, b_qkv, w_out, b_out, ln2, w1, bias1, w2, bias2, approximate) in enumerate(plan.layers):
+            h = torch.layer_norm(x, *ln1)  # x + Attn(LN1(x)) ...
+            if fixed:
+                torch._C._nn.linear(h, w_qkv, b_qkv, out=buf.qkv)  # (B, 3D)
+                q, new_kv = buf.q, buf.new_kv  # (B, H, 1, Dh), (2, B, H, Dh) views of it
+            else:
+                qkv = F.linear(h, w_qkv, b_qkv).view(b, 3, -1, buf.q.shape[-1])
+                q, new_kv = qkv[:, 0, :, None], qkv[:, 1:].transpose(0, 1)
+            layer_kv[i].select(3, p).copy_(new_kv)  # k and v at position P, one copy (casts to the cache dtype)
+            k, v = keys[i].narrow(2, 0, n), values[i].narrow(2, 0, n)  # (B, H, P+1, Dh): the filled positions
+            layers.append((k, v))
+            a = F.scaled_dot_product_attention(q, k, v)  # one query, every key: no mask. (B, H, 1, Dh)
+            x.add_(F.linear(a.reshape(b, -1), w_out, b_out))  # (B, H, 1, Dh) is (B, D) in memory: T = 1
+            y = F.gelu(F.linear(torch.layer_norm(x, *ln2), w1, bias1), approximate=approximate)  # (B, 4D)
+            x.add_(F.linear(y, w2, bias2))  # ... then x + MLP(LN2(x))
+        x = torch.layer_norm(x, *plan.norm)
+        logits = F.linear(x, plan.head).unsqueeze(1)  # (B, 1, vocab); the head has no bias
+        buf.tokens.select(1, p).copy_(idx.select(1, 0))
+        buf.filled = n
+        return logits, KVCache(layers, n, buf.tokens.narrow(1, 0, n), buf)
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         """Parameters (tied weights counted once); non_embedding drops the position table."""
