@@ -252,3 +252,20 @@ def test_fused_decode_state_from_inference_mode_and_under_autograd():
     assert not model._fast_decode_ok()  # grad enabled here
     logits, s3 = model(seq[:, 5:6], s2)
     assert s3.buffer is None and logits.requires_grad
+
+
+def test_draw_one_is_torch_multinomial_draw_and_leaves_the_same_generator_state():
+    from duboko.nn.sampling import draw_one
+
+    for vocab in (2, 7, 71, 256, 1000):
+        logits = torch.randn(vocab, generator=torch.Generator().manual_seed(vocab)) * 3
+        logits[: vocab // 3] = float("-inf")  # filtered entries (top-k / top-p) have probability 0
+        probs = torch.softmax(logits, -1)
+        ours, theirs = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+        for _ in range(200):
+            i = draw_one(probs, ours)
+            assert i == int(torch.multinomial(probs, 1, generator=theirs))
+            assert probs[i] > 0
+        assert torch.equal(ours.get_state(), theirs.get_state())  # the random stream goes on unchanged
+    with pytest.raises(RuntimeError, match="nan"):
+        draw_one(torch.full((5,), float("nan")), torch.Generator().manual_seed(0))
