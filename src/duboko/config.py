@@ -475,10 +475,10 @@ def _with_init_source(raw: dict[str, Any], name: str, pairs: list[tuple[str, Any
     # others wait until the source's [model] is in place: they may name its fields).
     given = {k.removeprefix("train."): v for k, v in pairs if k in INIT_KEYS}
     effective = {**raw.get("train", {}), **given}
-    init_from = effective.get("init_from") or ""
-    if not init_from:
+    init_from = effective.get("init_from")
+    if init_from is None or init_from == "":
         return raw, None
-    if not isinstance(init_from, str):
+    if not isinstance(init_from, str):  # checked before any truthiness test: 0 or False is not "no source"
         raise DubokoError(f"train.init_from expects the path of a run folder, got {init_from!r}")
     recorded = effective.get("init_from_sha256") or ""
     if not isinstance(recorded, str):

@@ -11,10 +11,6 @@ scale 1 is the plain conditional model):
 The conditional and unconditional passes run as one batch of 2B. The denoiser is any module
 called as `model(x_t, t, cond, context=..., context_mask=...)`; a text-conditioned one also has
 `encode_text(tokens) -> (features, key_padding_mask)`, and conditioned ones `null_condition(B)`.
-One that also has `prepare_context(features, key_padding_mask)` (the UNet) gets its result as
-`text_context=` instead of `context`/`context_mask`: what depends on the prompt alone (the
-cross-attention keys and values, the pooled prompt embedding) is then computed once per call, not
-at each step, with the same numbers.
 """
 
 from __future__ import annotations
@@ -38,7 +34,7 @@ class SampleResult:
 
 def _conditioning(model: nn.Module, cond: torch.Tensor | None, guided: bool) -> dict:
     """Model keyword arguments for the batch: [cond; null] when guided, else cond alone.
-    Text is encoded here once (and prepared, see the module docstring), not at every step."""
+    Text is encoded here once, not at every step."""
     kind = getattr(getattr(model, "config", None), "conditioning", "none")
     if kind == "none" or cond is None:
         return {"cond": None}
@@ -49,8 +45,6 @@ def _conditioning(model: nn.Module, cond: torch.Tensor | None, guided: bool) -> 
             pad[:, : null.shape[1]] = null  # the empty prompt, padded to the prompt batch's width
             cond = torch.cat([cond, pad])
         context, mask = model.encode_text(cond)
-        if hasattr(model, "prepare_context"):  # the UNet: keys/values of every cross-attention once, not per step
-            return {"cond": None, "text_context": model.prepare_context(context, mask)}
         return {"cond": None, "context": context, "context_mask": mask}
     return {"cond": torch.cat([cond, null]) if guided else cond}
 

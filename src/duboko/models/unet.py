@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from duboko.nn.attention import MultiHeadAttention, TransformerEncoder, attention
+from duboko.nn.attention import MultiHeadAttention, TransformerEncoder
 from duboko.nn.checks import check_divisible, check_one_of
 from duboko.registry import register_model
 
@@ -100,36 +100,16 @@ class AttentionBlock(nn.Module):
         nn.init.zeros_(self.attn.out_proj.weight)  # starts as the identity
         nn.init.zeros_(self.attn.out_proj.bias)
 
-    def context_key_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values (B, heads, L, C/heads) of a text context (B, L, context_dim): they do
-        not depend on the image or the timestep, so a sampler computes them once per prompt
-        batch (`UNet.prepare_context`) instead of at each of its 50 steps."""
-        kv = self.context_proj(context)  # (B, L, C)
-        return self.attn._heads(self.attn.k_proj(kv)), self.attn._heads(self.attn.v_proj(kv))
-
     def forward(
-        self,
-        x: torch.Tensor,
-        context: torch.Tensor | None = None,
-        context_mask: torch.Tensor | None = None,
-        key_values: tuple[torch.Tensor, torch.Tensor] | None = None,
+        self, x: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """x (B, C, H, W); cross-attention takes the `context` (B, L, context_dim) with its pad mask
-        (B, L), or its precomputed `key_values` (from `context_key_values`)."""
         b, c, h, w = x.shape
         q = self.norm(x).flatten(2).transpose(1, 2)  # (B, H·W, C)
         if self.context_proj is None:
             out, _ = self.attn(q)
-        elif key_values is None or self.attn.record_weights:  # recording needs MultiHeadAttention's path
+        else:
             kv = self.context_proj(context)  # (B, L, C)
             out, _ = self.attn(q, kv, key_padding_mask=context_mask)
-        else:
-            # MultiHeadAttention.forward with K and V given: the same ops on the same values.
-            k, v = key_values
-            attend = None if context_mask is None else ~context_mask.bool()[:, None, None, :]  # (B, 1, 1, L)
-            dropout = self.attn.dropout if self.training else 0.0
-            heads = attention(self.attn._heads(self.attn.q_proj(q)), k, v, attend, dropout)  # (B, heads, H·W, C/heads)
-            out = self.attn.out_proj(heads.transpose(1, 2).reshape(b, h * w, c))
         return x + out.transpose(1, 2).reshape(b, c, h, w)
 
 
@@ -172,18 +152,6 @@ class PromptEncoder(nn.Module):
         mask = tokens == 0  # (B, L) True = pad
         x = self.embed(tokens) * math.sqrt(self.out_dim)  # (B, L, D), scaled as in the transformer
         return self.encoder(x, key_padding_mask=mask), mask
-
-
-@dataclass
-class TextContext:
-    """The prompt's part of a text-conditioned UNet call, which does not change with x_t or t:
-    made once per sampling call by `UNet.prepare_context` and passed to every step as
-    `model(x, t, text_context=...)` (valid as long as the weights do not change)."""
-
-    context: torch.Tensor  # (B, L, text_dim) prompt features
-    context_mask: torch.Tensor  # (B, L) True at padding
-    pooled_emb: torch.Tensor  # (B, 4C) text_pool_proj(masked mean of the features), added to the time embedding
-    key_values: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]  # cross-attention block -> (K, V) (B, heads, L, C/heads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,10 +201,6 @@ class UNet(nn.Module):
         if config.conditioning == "text" and config.vocab_size < 2:
             raise ValueError(f"text conditioning needs vocab_size >= 2 (from the tokenizer), got {config.vocab_size}")
         self.config = config
-        # Run the convolutions on channels-last activations on CPU: oneDNN's NHWC kernels, measured
-        # 124 -> 108 CPU-ms per batch-32 text2img call (1 thread, min of 4, docs/benchmarks.md),
-        # outputs equal to NCHW within 5e-6. Set False for the plain NCHW path.
-        self.channels_last = True
         c0 = config.base_channels
         emb_dim = 4 * c0
         self.time_mlp = nn.Sequential(nn.Linear(c0, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -318,24 +282,6 @@ class UNet(nn.Module):
             raise ValueError("this UNet is not text-conditioned")
         return self.text_encoder(tokens)
 
-    def prepare_context(self, context: torch.Tensor, context_mask: torch.Tensor | None = None) -> TextContext:
-        """Everything of a call that depends only on the encoded prompt (B, L, text_dim): the pooled
-        prompt embedding and every cross-attention block's keys and values. A sampler calls this
-        once and passes the result to each step (`text_context=`); `forward` calls it itself when
-        given `context`, so both give the same numbers."""
-        if self.text_pool_proj is None:
-            raise ValueError(f"this UNet is not text-conditioned (conditioning={self.config.conditioning!r})")
-        if context_mask is None:
-            context_mask = torch.zeros(context.shape[:2], dtype=torch.bool, device=context.device)
-        keep = (~context_mask).unsqueeze(-1).to(context.dtype)  # (B, L, 1)
-        pooled = (context * keep).sum(1) / keep.sum(1).clamp(min=1)  # (B, text_dim) masked mean
-        key_values = {
-            block: block.context_key_values(context)
-            for block in self.modules()
-            if isinstance(block, AttentionBlock) and block.context_proj is not None
-        }
-        return TextContext(context, context_mask, self.text_pool_proj(pooled), key_values)
-
     def forward(
         self,
         x: torch.Tensor,
@@ -344,11 +290,9 @@ class UNet(nn.Module):
         *,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
-        text_context: TextContext | None = None,
     ) -> torch.Tensor:
         """x (B, C_in, H, W) noisy images, timesteps (B,) ints; `cond` is labels (B,) for "class"
-        or prompt tokens (B, L) for "text" (or pass the encoded `context`/`context_mask`, or
-        `text_context` from `prepare_context`, which a sampler reuses at every step).
+        or prompt tokens (B, L) for "text" (or pass the encoded `context`/`context_mask`).
         Returns (B, C_in, H, W)."""
         cfg = self.config
         if timesteps.dim() == 0:
@@ -358,29 +302,24 @@ class UNet(nn.Module):
             if cond is None:
                 cond = self.null_condition(x.shape[0], x.device)
             emb = emb + self.class_embed(cond)
-        key_values: dict = {}
-        if cfg.conditioning == "text":
-            if text_context is None:
-                if context is None:
-                    if cond is None:
-                        cond = self.null_condition(x.shape[0], x.device)
-                    context, context_mask = self.encode_text(cond)
-                text_context = self.prepare_context(context, context_mask)
-            emb = emb + text_context.pooled_emb
-            context, context_mask, key_values = text_context.context, text_context.context_mask, text_context.key_values
+        elif cfg.conditioning == "text":
+            if context is None:
+                if cond is None:
+                    cond = self.null_condition(x.shape[0], x.device)
+                context, context_mask = self.encode_text(cond)
+            if context_mask is None:
+                context_mask = torch.zeros(context.shape[:2], dtype=torch.bool, device=context.device)
+            keep = (~context_mask).unsqueeze(-1).to(context.dtype)  # (B, L, 1)
+            pooled = (context * keep).sum(1) / keep.sum(1).clamp(min=1)  # (B, text_dim) masked mean
+            emb = emb + self.text_pool_proj(pooled)
 
         def run_attn(blocks: nn.ModuleList, h: torch.Tensor) -> torch.Tensor:
             for block in blocks:
-                if block.context_proj is None:
-                    h = block(h)
-                else:
-                    h = block(h, context, context_mask, key_values.get(block))
+                h = block(h, context, context_mask) if block.context_proj is not None else block(h)
             return h
 
         if cfg.patch_size > 1:  # space-to-depth: the network runs at 1/patch resolution
             x = F.pixel_unshuffle(x, cfg.patch_size)  # (B, C·p², H/p, W/p)
-        if self.channels_last and x.device.type == "cpu":
-            x = x.contiguous(memory_format=torch.channels_last)
         h = self.conv_in(x)
         skips = [h]
         for block in self.down:
@@ -399,7 +338,7 @@ class UNet(nn.Module):
         out = self.conv_out(F.silu(self.norm_out(h)))
         if cfg.patch_size > 1:
             out = F.pixel_shuffle(out, cfg.patch_size)  # back to (B, C, H, W)
-        return out.contiguous()  # the input's NCHW layout, whatever the convolutions ran in
+        return out
 
 
 def _unet_input(config: UNetConfig, batch_size: int) -> tuple:

@@ -167,8 +167,14 @@ class TabularTask(Task):
         assets = Path(run_dir) / ASSETS_FILE if run_dir is not None else None
         if assets is not None and assets.is_file():  # evaluating/resuming: the scaling trained with
             saved = read_json(assets)
-            x_scaler = Standardizer.from_dict(saved["x_scaler"])
-            y_scaler = Standardizer.from_dict(saved["y_scaler"]) if saved.get("y_scaler") else None
+            try:  # a file of the run folder: any shape of JSON may be in it
+                x_scaler = Standardizer.from_dict(saved["x_scaler"])
+                y_scaler = Standardizer.from_dict(saved["y_scaler"]) if saved.get("y_scaler") else None
+                if x_scaler.mean.ndim != 1 or x_scaler.mean.shape != x_scaler.std.shape:
+                    raise ValueError("mean and std must be lists of one length")
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+                raise DubokoError(f"{assets} is not a tabular scaling file ({{'x_scaler': {{'mean': [...], 'std': [...]}}, "
+                                  f"'y_scaler': ...}}): {type(e).__name__}: {e}") from None
             if len(x_scaler.mean) != table.features.shape[1]:
                 raise DubokoError(
                     f"{assets} was saved for {len(x_scaler.mean)} features, the data has {table.features.shape[1]}"
