@@ -17,9 +17,11 @@ from duboko.nn.attention import (
     attention,
     attention_weights,
     causal_mask,
+    WRITTEN_OUT_MAX_KEYS,
     merge_masks,
     recording_attention,
     sinusoidal_table,
+    written_out_is_faster,
 )
 
 
@@ -52,6 +54,45 @@ def test_explicit_equals_sdpa(case):
     weights = attention_weights(q, k, mask)
     torch.testing.assert_close(out_fast, weights @ v, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1]))
+
+
+@pytest.mark.parametrize("case", ["none", "causal", "causal-cached", "bool", "scale"])
+def test_bf16_cpu_route_equals_fused_kernel(case):
+    # bf16 on a CPU takes the written-out matmuls (faster there); it must compute what the fused
+    # kernel computes, masks and scale included, and give the same gradients.
+    t, s = (3, 7) if case == "causal-cached" else (6, 6)
+    q, k, v = (x.to(torch.bfloat16).requires_grad_() for x in _qkv(t=t, s=s))
+    assert written_out_is_faster(q, k)
+    kwargs = {}
+    if case.startswith("causal"):
+        kwargs["is_causal"] = True
+    elif case == "bool":
+        mask = torch.rand(2, 1, t, s, generator=torch.Generator().manual_seed(1)) > 0.3
+        mask[..., 0] = True
+        kwargs["attn_mask"] = mask
+    elif case == "scale":
+        kwargs["scale"] = 0.2
+    out = attention(q, k, v, **kwargs)
+    out.float().square().sum().backward()
+    grads = [x.grad for x in (q, k, v)]
+    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
+    if case == "causal-cached":  # the fused kernel aligns top-left: give it the bottom-right mask
+        ref = torch.nn.functional.scaled_dot_product_attention(q32, k32, v32, attn_mask=causal_mask(t, s))
+    else:
+        ref = torch.nn.functional.scaled_dot_product_attention(q32, k32, v32, **kwargs)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)  # bf16: 8 mantissa bits
+    for g, x in zip(grads, (q32, k32, v32)):
+        torch.testing.assert_close(g.float(), x.grad, atol=6e-2, rtol=6e-2)
+
+
+def test_route_keeps_fp32_and_long_sequences_on_the_fused_kernel():
+    q, k, _ = _qkv()
+    assert not written_out_is_faster(q, k)  # fp32: the fused kernel is as fast and uses less memory
+    q16, k16 = q.to(torch.bfloat16), k.to(torch.bfloat16)
+    assert written_out_is_faster(q16, k16)
+    long_k = torch.zeros(1, 1, WRITTEN_OUT_MAX_KEYS + 1, q.shape[-1], dtype=torch.bfloat16)
+    assert not written_out_is_faster(q16, long_k)  # its (T, S) softmax would be materialised
 
 
 def test_explicit_is_the_formula():
