@@ -42,9 +42,9 @@ def register(sub) -> None:
         description="Check that every file listed in RUN/manifest.json is present and matches its SHA-256, and "
         "that the weight and state files are safetensors (never pickles), that the core files (config, weights, "
         "and metrics.json of a finished run) are listed, and that no JSON/CSV/safetensors file is unlisted. "
-        "What an --overwrite killed mid-way left beside the folder (.RUN.overwritten-PID) is settled first: the "
-        "previous run is put back, or deleted once the new run has its own checkpoint. Exit 0 when the folder is "
-        "intact, 2 with one line naming the first bad file otherwise.",
+        "What an --overwrite killed mid-way left beside the folder (.RUN.overwritten-PID, .RUN.overwriting-PID) "
+        "is settled first: the previous run is put back, or deleted when the new run has its own checkpoint. "
+        "Exit 0 when the folder is intact, 2 with one line naming the first bad file otherwise.",
     )
     p.add_argument("run", help="run folder written by `duboko train`")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")

@@ -123,13 +123,13 @@ def attention(
     Exception: bf16/fp16 on a CPU with short keys goes through the written-out matmuls instead
     (`written_out_is_faster`), because there the fused CPU kernel is the slow one."""
     t, s = q.shape[-2], k.shape[-2]
-    if is_causal and (attn_mask is not None or t != s):
-        # SDPA refuses is_causal together with a mask, and aligns the causal mask top-left.
+    written_out = written_out_is_faster(q, k)
+    if is_causal and (attn_mask is not None or t != s or written_out):
+        # SDPA refuses is_causal together with a mask, and aligns the causal mask top-left; the
+        # written-out path takes one merged mask.
         attn_mask = merge_masks(attn_mask, None, True, t, s, q.device)
         is_causal = False
-    if written_out_is_faster(q, k):
-        if is_causal:
-            attn_mask = merge_masks(attn_mask, None, True, t, s, q.device)
+    if written_out:
         weights = attention_weights(q, k, attn_mask, scale=scale)  # (..., T, S)
         if dropout_p > 0.0:
             weights = F.dropout(weights, p=dropout_p)

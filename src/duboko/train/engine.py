@@ -42,7 +42,8 @@ from duboko.train.optim import build_optimizer, lr_factor, set_lr
 from duboko.precision import autocast, hardware_features, resolve_precision
 from duboko.train.lock import LOCK_FILE, RunLock
 from duboko.train.run import (
-    CONFIG, MANIFEST, METRICS, pick_device, save_weights, verify_resumable, write_history, write_manifest,
+    CONFIG, MANIFEST, METRICS, OVERWRITTEN_INFIX, move_back, moving_name, pick_device, put_back_set_aside,
+    save_weights, verify_resumable, write_history, write_manifest,
 )
 
 
@@ -204,34 +205,45 @@ def create_run_dir(out: Path, is_main: bool) -> None:
 
 def set_aside_old_run(out: Path) -> Path:
     """`--overwrite`: move the old run's files (everything but the lock) into a hidden sibling
-    folder, `.NAME.overwritten-PID`, so that the new run starts in an empty folder while the old
-    run stays whole until the new one has its first complete checkpoint (`settle_overwrite`)."""
-    backup = out.parent / f".{out.name}.overwritten-{os.getpid()}"
+    folder, so that the new run starts in an empty folder while the old run stays whole until
+    the new one has its first checkpoint (`Trainer.save` deletes it then; `settle_overwrite`
+    puts it back if the run stops before). The files go into `.NAME.overwriting-PID`, which is
+    renamed `.NAME.overwritten-PID` once all are there: a SIGKILL half-way leaves the name that
+    says the run folder still holds old files only (`duboko.train.run.recover_interrupted_overwrite`)."""
+    backup = out.parent / f".{out.name}{OVERWRITTEN_INFIX}{os.getpid()}"
+    moving = moving_name(backup)
     try:
-        backup.mkdir()
-        for entry in out.iterdir():
-            if entry.name != LOCK_FILE:
-                entry.rename(backup / entry.name)
+        moving.mkdir()
     except OSError as exc:
         raise DubokoError(f"cannot set the old run in {str(out)!r} aside for --overwrite: {exc.strerror or exc}") from exc
-    return backup
+    try:
+        for entry in out.iterdir():
+            if entry.name != LOCK_FILE:
+                entry.rename(moving / entry.name)
+        if backup.exists() or backup.is_symlink():  # a rename onto it would replace an empty folder
+            problem = f"{backup} exists"
+        else:
+            moving.rename(backup)
+            return backup
+    except OSError as exc:
+        problem = exc.strerror or str(exc)
+    try:  # the old run goes back where it was; if that fails too, the next lock's recovery does it
+        move_back(moving, out)
+    except (OSError, DubokoError):
+        pass
+    raise DubokoError(f"cannot set the old run in {str(out)!r} aside for --overwrite: {problem}")
 
 
 def settle_overwrite(out: Path, backup: Path) -> str:
-    """After an `--overwrite` run stops: with a complete checkpoint of its own (state and
-    manifest) the new run stays and the old one is deleted; without, the old run is put back
-    whole and the new run's partial files are removed. Returns what happened, for the user."""
+    """After an `--overwrite` run stops: with a checkpoint of its own (state and manifest) the
+    new run stays and the old one is deleted; without, the old run is put back whole and the
+    new run's partial files are removed. Returns what happened, for the user."""
     import shutil
 
     if (out / ckpt.STATE_FILE).is_file() and (out / MANIFEST).is_file():
         shutil.rmtree(backup, ignore_errors=True)
         return "replaced"
-    for entry in out.iterdir():
-        if entry.name != LOCK_FILE:
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-    for entry in backup.iterdir():
-        entry.rename(out / entry.name)
-    backup.rmdir()
+    put_back_set_aside(out, backup, all_new=True)
     return "restored"
 
 
@@ -747,8 +759,21 @@ class Trainer:
             # `write_manifest(out, self.assets)` (finish) still lists them.
             self.assets = [a for a in self.assets if not ckpt.is_layout_file(a)] + ckpt.layout_files(self.out)
             write_manifest(self.out, self.assets)
+            if self._overwritten is not None:
+                self._commit_overwrite()
         if layout == "sharded":
             D.barrier(self.dist)  # no rank runs ahead of the head and manifest (a resume reads them)
+
+    def _commit_overwrite(self) -> None:
+        """`--overwrite`, right after the new run's first checkpoint (state and manifest): the new
+        run has replaced the old one, whose set-aside copy goes now. Kept until `close`, it sat
+        beside every later checkpoint and the finish, whose files are newer than the manifest
+        until the manifest follows: a SIGKILL there left a leftover beside a folder that does not
+        verify. After this point a kill leaves a plain killed run (`--resume` finishes it)."""
+        import shutil
+
+        backup, self._overwritten = self._overwritten, None
+        shutil.rmtree(backup, ignore_errors=True)  # what a kill leaves of it, the next lock removes
 
     def fit(self) -> dict[str, Any]:
         """Train to the end (train.epochs or train.max_steps); returns the final metrics, which

@@ -110,14 +110,20 @@ def verify_manifest(run_dir: Path, *, required: tuple[str, ...] = REQUIRED, kill
     missing = [name for name in required if name not in listed]
     manifest_time = (run_dir / MANIFEST).stat().st_mtime_ns
 
-    def written_by_killed_run(name: str) -> bool:
+    def newer_checkpoint_file(name: str) -> bool:
         try:
             from duboko.train.checkpoint import is_layout_file
 
-            return (killed_run_ok and (name in REWRITTEN or is_layout_file(name))
-                    and (run_dir / name).stat().st_mtime_ns > manifest_time)
+            return (name in REWRITTEN or is_layout_file(name)) and (run_dir / name).stat().st_mtime_ns > manifest_time
         except OSError:
             return False
+
+    def written_by_killed_run(name: str) -> bool:
+        return killed_run_ok and newer_checkpoint_file(name)
+
+    # What a run killed between rewriting its checkpoint files and its manifest looks like to a
+    # load: the message says so, and that a resume finishes it.
+    killed_hint = " (or the run was killed mid-checkpoint: `duboko train --resume` finishes it)"
 
     if missing and not all(written_by_killed_run(n) for n in missing):
         raise DubokoError(
@@ -130,9 +136,12 @@ def verify_manifest(run_dir: Path, *, required: tuple[str, ...] = REQUIRED, kill
         and p.name not in listed and not written_by_killed_run(p.name)
     )
     if unlisted:
+        killed = all(newer_checkpoint_file(n) for n in unlisted)
         raise DubokoError(
             f"{run_dir} holds {', '.join(unlisted[:5])}, not listed in {MANIFEST}; a load could read it "
-            "unchecked (remove it, or retrain the run)"
+            "unchecked (" + ("or the run was killed before its manifest was rewritten: `duboko train --resume`, with "
+                             "more train.max_steps or train.epochs if its training was done, rewrites it"
+                             if killed else "remove it, or retrain the run") + ")"
         )
     for name, digest in listed.items():
         file = run_dir / name
@@ -147,7 +156,7 @@ def verify_manifest(run_dir: Path, *, required: tuple[str, ...] = REQUIRED, kill
             raise DubokoError(f"{file} is not a regular file (a link, folder, device or FIFO); expected a file")
         if sha256_file(file) != digest and not written_by_killed_run(name):
             # A run killed between a checkpoint and the manifest's rewrite also lands here.
-            hint = " (or the run was killed mid-checkpoint: `duboko train --resume` finishes it)" if name == "state.safetensors" else ""
+            hint = killed_hint if name == "state.safetensors" or newer_checkpoint_file(name) else ""
             raise DubokoError(f"{file} does not match its SHA-256 in {MANIFEST}: the file was changed or truncated{hint}")
 
 
@@ -305,20 +314,82 @@ def load_init_weights(source: str | Path, model: nn.Module) -> None:
     model.load_state_dict(state)
 
 
-OVERWRITTEN_INFIX = ".overwritten-"  # `--overwrite` sets the old run aside in `.NAME.overwritten-PID`
+# `--overwrite` sets the old run aside in `.NAME.overwritten-PID` (the set-aside is complete: the
+# run folder holds the new run's files only) and moves it there through `.NAME.overwriting-PID`
+# (the old run is on its way out, or back in: the run folder holds old-run files only, since the
+# new run writes nothing before the set-aside is complete and nothing after its put-back began).
+# The name says which files in the run folder are whose, so a SIGKILL at any point is settled
+# without guessing (`recover_interrupted_overwrite`).
+OVERWRITTEN_INFIX = ".overwritten-"
+MOVING_INFIX = ".overwriting-"
 
 
 def overwrite_leftovers(run_dir: str | Path) -> list[Path]:
-    """The `.NAME.overwritten-PID` folders beside `run_dir` (newest first): an `--overwrite` run
-    killed with SIGKILL (no `finally`) leaves its old run set aside there."""
+    """The `.NAME.overwritten-PID` and `.NAME.overwriting-PID` folders beside `run_dir` (newest
+    first): an `--overwrite` run killed with SIGKILL (no `finally`) leaves its old run set aside there."""
     import glob
 
     run_dir = Path(run_dir)
-    pattern = str(run_dir.parent / glob.escape(f".{run_dir.name}{OVERWRITTEN_INFIX}")) + "*"
-    found = [Path(p) for p in glob.glob(pattern)]
-    found = [p for p in found if p.name.removeprefix(f".{run_dir.name}{OVERWRITTEN_INFIX}").isdigit()
-             and p.is_dir() and not p.is_symlink()]
+    found = []
+    for infix in (OVERWRITTEN_INFIX, MOVING_INFIX):
+        prefix = f".{run_dir.name}{infix}"
+        found += [Path(p) for p in glob.glob(str(run_dir.parent / glob.escape(prefix)) + "*")
+                  if Path(p).name.removeprefix(prefix).isdigit()]
+    found = [p for p in found if p.is_dir() and not p.is_symlink()]
     return sorted(found, key=lambda p: p.stat().st_mtime_ns, reverse=True)
+
+
+def moving_name(backup: Path) -> Path:
+    """The `.NAME.overwriting-PID` name of the set-aside folder `.NAME.overwritten-PID`."""
+    head, _, pid = backup.name.rpartition(OVERWRITTEN_INFIX)
+    if not head or not pid.isdigit():
+        raise DubokoError(f"{backup} is not a set-aside folder (expected .NAME{OVERWRITTEN_INFIX}PID)")
+    return backup.with_name(f"{head}{MOVING_INFIX}{pid}")
+
+
+def move_back(moving: Path, run_dir: Path) -> None:
+    """Move every entry of the `.NAME.overwriting-PID` folder `moving` into `run_dir`, then
+    remove it. The run folder holds old-run files only then, so no name is in both; one that is
+    (a folder changed by hand) is refused rather than replaced: nothing of either is lost."""
+    for entry in moving.iterdir():
+        target = run_dir / entry.name
+        if target.exists() or target.is_symlink():
+            raise DubokoError(f"cannot put back {entry}: {target} exists as well (expected only one of them); "
+                              f"keep the one you want and move it into {run_dir} by hand")
+        entry.rename(target)
+    moving.rmdir()
+
+
+def put_back_set_aside(run_dir: Path, backup: Path, *, all_new: bool) -> None:
+    """Replace the new run in `run_dir` with the old run set aside (complete) in `backup`:
+    remove the new run's files, rename `backup` to its `.overwriting-` name, move its files back.
+
+    `all_new`: every entry of `run_dir` but the lock is the new run's (the live run settling its
+    own set-aside). Else (a leftover) only the names the old run also had and entries written
+    since the set-aside ended (at or after its folder's last change) are removed: a leftover of
+    an older duboko, which named a half-done set-aside `.overwritten-` too, still has old files
+    in `run_dir`, and they stay."""
+    import shutil
+
+    from duboko.train.lock import LOCK_FILE
+
+    set_aside_until = backup.stat().st_mtime_ns
+    old_names = {entry.name for entry in backup.iterdir()}
+    entries = [e for e in run_dir.iterdir() if e.name != LOCK_FILE
+               and (all_new or e.name in old_names or e.lstat().st_mtime_ns >= set_aside_until)]
+    # The manifest first: a kill during the removal leaves no run in `run_dir` that looks like
+    # a checkpoint of its own, so the next settle puts the old run back as well.
+    entries.sort(key=lambda e: e.name != MANIFEST)
+    for entry in entries:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    moving = moving_name(backup)
+    if moving.exists() or moving.is_symlink():
+        raise DubokoError(f"cannot put back the previous run from {backup}: {moving} exists as well")
+    backup.rename(moving)
+    move_back(moving, run_dir)
 
 
 def _has_own_checkpoint(run_dir: Path) -> bool:
@@ -338,38 +409,30 @@ def recover_interrupted_overwrite(run_dir: str | Path) -> list[str]:
     folder's lock, so no live writer owns those leftovers (a live `--overwrite` holds the lock
     from before it sets the old run aside until it has settled). Returns one line per leftover.
 
-    - the new run in `run_dir` has a complete checkpoint of its own (state + manifest that
-      verify): it replaced the old run, whose set-aside copy is deleted;
-    - else the old run is put back whole: the new run's partial files are removed (those the
-      old run also had, and those written after the set-aside ended, i.e. newer than the
-      set-aside folder's last change), old files the set-aside had not moved yet stay."""
+    - `.NAME.overwriting-PID` (killed while the old run was set aside, or put back): the run
+      folder holds old files only; the rest of the old run is moved back beside them;
+    - `.NAME.overwritten-PID` and the new run in `run_dir` has a checkpoint of its own (state +
+      manifest that verify, as a resume checks them): it replaced the old run, whose set-aside
+      copy is deleted (the engine does so itself right after that first checkpoint: a kill
+      between the two lands here);
+    - else the old run is put back whole (`put_back_set_aside`): the new run's partial files go."""
     import shutil
-
-    from duboko.train.lock import LOCK_FILE
 
     run_dir = Path(run_dir)
     notes = []
     for backup in overwrite_leftovers(run_dir):
-        if _has_own_checkpoint(run_dir):
-            shutil.rmtree(backup, ignore_errors=True)
-            notes.append(f"removed {backup.name}, the previous run set aside by an interrupted --overwrite "
-                         f"(the new run in {run_dir} has its own checkpoint)")
-            continue
-        set_aside_until = backup.stat().st_mtime_ns
-        old_names = {entry.name for entry in backup.iterdir()}
         try:
-            for entry in run_dir.iterdir():
-                if entry.name == LOCK_FILE:
-                    continue
-                info = entry.lstat()
-                if entry.name in old_names or info.st_mtime_ns >= set_aside_until:
-                    if entry.is_dir() and not entry.is_symlink():
-                        shutil.rmtree(entry)
-                    else:
-                        entry.unlink()
-            for entry in backup.iterdir():
-                entry.rename(run_dir / entry.name)
-            backup.rmdir()
+            if MOVING_INFIX in backup.name:
+                move_back(backup, run_dir)
+                notes.append(f"put back the previous run in {run_dir} from {backup.name}: an --overwrite was "
+                             "interrupted while it moved the previous run aside (or back)")
+                continue
+            if _has_own_checkpoint(run_dir):
+                shutil.rmtree(backup, ignore_errors=True)
+                notes.append(f"removed {backup.name}, the previous run set aside by an interrupted --overwrite "
+                             f"(the new run in {run_dir} has its own checkpoint)")
+                continue
+            put_back_set_aside(run_dir, backup, all_new=False)
         except OSError as exc:
             raise DubokoError(f"cannot put back the previous run from {backup} after an interrupted --overwrite: "
                               f"{exc.strerror or exc}; move its files into {run_dir} by hand") from exc
